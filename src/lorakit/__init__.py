@@ -1,0 +1,17 @@
+"""lorakit: LoRA fine-tuning for PyTorch models, with PEFT's API and file format."""
+
+from .config import LoftQConfig, LoraConfig, TaskType
+from .constants import BASE_ADAPTER_NAME
+from .model import LoraModel, PeftModel, get_peft_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BASE_ADAPTER_NAME",
+    "LoftQConfig",
+    "LoraConfig",
+    "LoraModel",
+    "PeftModel",
+    "TaskType",
+    "get_peft_model",
+]

@@ -1,0 +1,252 @@
+"""`LoraConfig`, `TaskType` and `LoftQConfig`: the options of an adapter, validated once.
+
+Every option is documented here and only here. Field names and meanings are PEFT's, so a
+config written by peft loads and a config written by lorakit loads in peft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+BiasMode = Literal["none", "all", "lora_only"]
+BIAS_MODES: tuple[str, ...] = ("none", "all", "lora_only")
+INIT_NAMES: tuple[str, ...] = ("gaussian", "loftq")
+PEFT_TYPE = "LORA"
+
+
+class TaskType(str, enum.Enum):
+    """What the base model does; decides which heads train and how `PeftModel` is used."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+@dataclass
+class LoftQConfig:
+    """Options of LoftQ initialisation (used with `init_lora_weights="loftq"`).
+
+    Attributes:
+        loftq_bits: Bits of the quantized base the adapter compensates for (4).
+        loftq_iter: Alternating quantize / low-rank-fit iterations.
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits != 4:
+            raise ConfigError(f"loftq_bits={self.loftq_bits!r}: only 4 is supported; set 4.")
+        if not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ConfigError(f"loftq_iter={self.loftq_iter!r}: must be an int >= 1.")
+
+
+@dataclass
+class LoraConfig:
+    """The options of one LoRA adapter.
+
+    Attributes:
+        r: Rank of the update B·A.
+        lora_alpha: Numerator of the scale: s = lora_alpha / r (or / sqrt(r) with rsLoRA).
+        lora_dropout: Dropout probability on the LoRA branch's input (0 costs nothing).
+            Layers that read the very same input tensor in one forward share one mask.
+        target_modules: Modules to adapt. A list of names matches a module whose whole dotted
+            path, or its last dotted parts, equal a name; a string is a regex that must match
+            the whole path; "all-linear" means every linear layer but the output head. None
+            takes the default for `model.config.model_type`.
+        exclude_modules: Modules never adapted, matched like `target_modules`.
+        bias: "none", "all" (every bias trains) or "lora_only" (biases of adapted layers).
+        use_rslora: Scale by lora_alpha / sqrt(r) instead of lora_alpha / r.
+        modules_to_save: Modules (matched by name suffix) trained in full and saved with the
+            adapter, e.g. a new classification head.
+        layers_to_transform: Only adapt modules inside these layer indices.
+        layers_pattern: Name of the module list holding the layers ("layers", "h", ...).
+        rank_pattern: Per-module rank overrides; keys are names or regexes.
+        alpha_pattern: Per-module lora_alpha overrides; keys are names or regexes.
+        init_lora_weights: True: Kaiming-uniform A and zero B (the model starts unchanged);
+            "gaussian": normal A (std 1/r), zero B; False: random A and B (tests only);
+            "loftq": LoftQ (needs `loftq_config`).
+        fan_in_fan_out: The base stores its weight as (in, out), as transformers' Conv1D.
+        task_type: A `TaskType`; classification heads join `modules_to_save`.
+        base_model_name_or_path: Where the base model comes from (saved with the adapter).
+        inference_mode: Adapter weights do not train.
+        loftq_config: Options for `init_lora_weights="loftq"`.
+        use_dora: DoRA; not supported yet, must stay False.
+        revision: Revision of the base model (kept for PEFT compatibility).
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: BiasMode = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init_lora_weights: bool | Literal["gaussian", "loftq"] = True
+    fan_in_fan_out: bool = False
+    task_type: TaskType | str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+    loftq_config: LoftQConfig | dict[str, Any] = field(default_factory=dict)
+    use_dora: bool = False
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        # Normalise copies of containers so the caller's objects are never shared or mutated.
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+        elif isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple, set)):
+            self.exclude_modules = list(self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, (list, tuple)):
+            self.layers_to_transform = list(self.layers_to_transform)
+        self.rank_pattern = dict(self.rank_pattern)
+        self.alpha_pattern = dict(self.alpha_pattern)
+        if isinstance(self.loftq_config, Mapping) and self.loftq_config:
+            self.loftq_config = LoftQConfig(**self.loftq_config)
+        if self.task_type is not None:
+            self.task_type = _parse_task_type(self.task_type)
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_rank("r", self.r)
+        _check_number("lora_alpha", self.lora_alpha)
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(
+                f"lora_dropout={self.lora_dropout!r}: must be a number in [0, 1); use 0 for none."
+            )
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias={self.bias!r}: allowed values are {list(BIAS_MODES)}.")
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or init in INIT_NAMES):
+            raise ConfigError(
+                f"init_lora_weights={self.init_lora_weights!r}: allowed values are "
+                "True, False, 'gaussian', 'loftq'."
+            )
+        if self.init_lora_weights == "loftq" and not isinstance(self.loftq_config, LoftQConfig):
+            raise ConfigError(
+                "init_lora_weights='loftq' needs loftq_config: pass "
+                "loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1)."
+            )
+        _check_names("target_modules", self.target_modules)
+        _check_names("exclude_modules", self.exclude_modules)
+        _check_names("layers_pattern", self.layers_pattern)
+        if self.modules_to_save is not None:
+            _check_names("modules_to_save", self.modules_to_save)
+        layers = self.layers_to_transform
+        if layers is not None:
+            indices = [layers] if isinstance(layers, int) else layers
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+                raise ConfigError(
+                    f"layers_to_transform={layers!r}: must be a non-negative int or a list of them."
+                )
+        for key, rank in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", rank)
+        for key, alpha in self.alpha_pattern.items():
+            _check_number(f"alpha_pattern[{key!r}]", alpha)
+        if self.use_dora:
+            raise ConfigError("use_dora=True: DoRA is not supported yet; set use_dora=False.")
+
+    @property
+    def peft_type(self) -> str:
+        """PEFT's name for this method, written into adapter_config.json."""
+        return PEFT_TYPE
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict with PEFT's field names (round-trips with `from_dict`)."""
+        result: dict[str, Any] = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, TaskType):
+                value = value.value
+            elif isinstance(value, LoftQConfig):
+                value = dataclasses.asdict(value)
+            elif isinstance(value, (list, dict)):
+                value = type(value)(value)
+            result[item.name] = value
+        result["peft_type"] = PEFT_TYPE
+        return result
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
+        """Build a config from a dict such as a parsed adapter_config.json.
+
+        Fields lorakit does not know are ignored; those holding a non-default value are named
+        in a warning so a user sees what was dropped.
+        """
+        peft_type = data.get("peft_type", PEFT_TYPE)
+        if peft_type != PEFT_TYPE:
+            raise ConfigError(
+                f"peft_type={peft_type!r}: lorakit loads LoRA adapters only (peft_type 'LORA')."
+            )
+        known = {item.name for item in dataclasses.fields(cls)}
+        kwargs = {key: value for key, value in data.items() if key in known}
+        ignored = sorted(
+            key
+            for key, value in data.items()
+            if key not in known and key not in _PEFT_BOOKKEEPING and _is_set(value)
+        )
+        if ignored:
+            logger.warning(
+                "Ignoring adapter config fields lorakit does not use: %s", ", ".join(ignored)
+            )
+        return cls(**kwargs)
+
+
+# Fields peft writes that carry no meaning for the adapter's numbers.
+_PEFT_BOOKKEEPING = frozenset({"peft_type", "peft_version", "auto_mapping", "megatron_core"})
+
+
+def _is_set(value: object) -> bool:
+    return value not in (None, False, {}, [], "", 0)
+
+
+def _parse_task_type(value: TaskType | str) -> TaskType:
+    try:
+        return TaskType(value)
+    except ValueError:
+        allowed = [task.value for task in TaskType]
+        raise ConfigError(f"task_type={value!r}: allowed values are {allowed}.") from None
+
+
+def _check_rank(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name}={value!r}: the rank must be a positive int, e.g. 8.")
+
+
+def _check_number(name: str, value: object) -> None:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{name}={value!r}: must be a positive finite number, e.g. 16.")
+
+
+def _check_names(name: str, value: object) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{name}={value!r}: must be a string (regex) or a list of strings.")

@@ -1,0 +1,42 @@
+"""Errors lorakit raises for bad input: each names the value received, what exists, and the fix."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class LorakitError(Exception):
+    """Base class of every error lorakit raises on purpose."""
+
+
+class ConfigError(LorakitError, ValueError):
+    """A `LoraConfig` field holds a value lorakit cannot use."""
+
+
+class TargetModuleError(LorakitError, ValueError):
+    """The configured targets do not select modules lorakit can adapt."""
+
+
+class UnsupportedModuleError(TargetModuleError):
+    """A selected module has a type no LoRA layer is registered for."""
+
+
+class AdapterNameError(LorakitError, KeyError):
+    """An adapter name that does not exist (or already exists) was given."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class MergeError(LorakitError, RuntimeError):
+    """Merging would write wrong numbers (NaN/inf) or the state does not allow it."""
+
+
+def closest_names(name: str, candidates: Iterable[str], limit: int = 5) -> list[str]:
+    """Return the candidates that look most like `name`, best first, for 'did you mean' hints."""
+    unique = sorted(set(candidates))
+    close = difflib.get_close_matches(name, unique, n=limit, cutoff=0.4)
+    if close:
+        return close
+    return [c for c in unique if name.lower() in c.lower() or c.lower() in name.lower()][:limit]

@@ -1,0 +1,15 @@
+"""Model surgery: which modules to adapt, and replacing them with LoRA wrappers and back."""
+
+from .matching import InjectionPlan, Target, plan_injection
+from .surgery import apply_injection, iter_wrappers, replace_module, unwrap_model, wrapped_module
+
+__all__ = [
+    "InjectionPlan",
+    "Target",
+    "apply_injection",
+    "iter_wrappers",
+    "plan_injection",
+    "replace_module",
+    "unwrap_model",
+    "wrapped_module",
+]

@@ -1,0 +1,170 @@
+"""Deciding which modules an adapter covers: names, regexes, "all-linear", layers, patterns.
+
+Everything here only reads the model, so a bad config fails before anything is changed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..config import LoraConfig, TaskType
+from ..constants import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_HEAD_MODULES
+from ..errors import TargetModuleError, UnsupportedModuleError, closest_names
+from ..layers.base import LoraLayer
+from ..layers.modules_to_save import ModulesToSaveWrapper
+from ..layers.registry import LayerEntry, lora_layer_class_for, supported_type_names
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module to adapt, with its resolved rank and alpha."""
+
+    key: str
+    entry: LayerEntry | None  # None when the module is already a LoRA layer
+    r: int
+    lora_alpha: float
+
+
+@dataclass(frozen=True)
+class InjectionPlan:
+    targets: tuple[Target, ...]
+    modules_to_save: tuple[str, ...]
+
+
+def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Yield (dotted path, module) like `named_modules`, without entering lorakit wrappers."""
+    for name, child in model.named_children():
+        key = f"{prefix}{name}"
+        yield key, child
+        if not isinstance(child, (LoraLayer, ModulesToSaveWrapper)):
+            yield from iter_base_modules(child, key + ".")
+
+
+def name_matches(key: str, names: list[str] | str) -> bool:
+    """A regex string must match the whole path; a list entry must equal its last dotted parts."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return any(key == name or key.endswith("." + name) for name in names)
+
+
+def layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
+    """Index of the numbered layer a module sits in (e.g. 3 in `model.layers.3.mlp.up_proj`)."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if not patterns:
+        found = re.match(r"(?:^|.*\.)[^.]+\.(\d+)\.", key)
+        return int(found.group(1)) if found else None
+    for pattern in patterns:
+        found = re.match(rf"(?:^|.*\.){re.escape(pattern)}\.(\d+)\.", key)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def pattern_value(patterns: Mapping[str, float], key: str, default: float) -> float:
+    """First value in `patterns` whose key (a name or regex) matches the end of `key`."""
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", key):
+            return value
+    return default
+
+
+def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
+    """Resolve `config` against `model` into the exact modules to wrap; raises on bad input."""
+    modules = dict(iter_base_modules(model))
+    target_spec = resolve_target_modules(model, config, modules)
+    _check_every_name_exists(target_spec, modules, config.target_modules is None)
+    layers = config.layers_to_transform
+    wanted_layers = {layers} if isinstance(layers, int) else set(layers or ())
+    save_names = config.modules_to_save or []
+    modules_to_save = tuple(key for key in modules if save_names and name_matches(key, save_names))
+    targets = []
+    for key, module in modules.items():
+        if not name_matches(key, target_spec) or key in modules_to_save:
+            continue
+        if config.exclude_modules is not None and name_matches(key, config.exclude_modules):
+            continue
+        if wanted_layers and layer_index(key, config.layers_pattern) not in wanted_layers:
+            continue
+        entry = None if isinstance(module, LoraLayer) else lora_layer_class_for(module)
+        if entry is None and not isinstance(module, LoraLayer):
+            raise UnsupportedModuleError(
+                f"Target module {key!r} is a {type(module).__name__}, which LoRA cannot wrap. "
+                f"Supported types: {supported_type_names()}. Name its linear/conv/embedding "
+                "children in target_modules instead."
+            )
+        r = int(pattern_value(config.rank_pattern, key, config.r))
+        alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+        targets.append(Target(key, entry, r, alpha))
+    if not targets:
+        raise TargetModuleError(
+            f"The config matches no module: target_modules={config.target_modules!r}, "
+            f"exclude_modules={config.exclude_modules!r}, layers_to_transform={layers!r}, "
+            f"layers_pattern={config.layers_pattern!r}. Loosen them; module paths look like "
+            f"{list(modules)[:6]}."
+        )
+    return InjectionPlan(tuple(targets), modules_to_save)
+
+
+def resolve_target_modules(
+    model: nn.Module, config: LoraConfig, modules: Mapping[str, nn.Module]
+) -> list[str] | str:
+    """Turn `target_modules` (None, "all-linear", a regex or names) into a regex or names."""
+    spec = config.target_modules
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise TargetModuleError(
+                f"No default target_modules for model_type={model_type!r}; set target_modules, "
+                "e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
+            )
+        return list(DEFAULT_TARGET_MODULES[model_type])
+    if spec == ALL_LINEAR:
+        return _all_linear_keys(model, config, modules)
+    return spec
+
+
+def _all_linear_keys(
+    model: nn.Module, config: LoraConfig, modules: Mapping[str, nn.Module]
+) -> list[str]:
+    """Every linear layer but the output head (and but classification heads that train whole)."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output_head = get_output() if callable(get_output) else None
+    heads = list(config.modules_to_save or ())
+    if config.task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS, TaskType.QUESTION_ANS):
+        heads += TASK_HEAD_MODULES[str(TaskType(config.task_type).value)]
+    keys = []
+    for key, module in modules.items():
+        if module is output_head or (heads and name_matches(key, heads)):
+            continue
+        if isinstance(module, LoraLayer):
+            module = module.base_layer
+        entry = lora_layer_class_for(module)
+        if entry is not None and entry.is_linear:
+            keys.append(key)
+    return keys
+
+
+def _check_every_name_exists(
+    spec: list[str] | str, modules: Mapping[str, nn.Module], is_default: bool
+) -> None:
+    if isinstance(spec, str):
+        if not any(re.fullmatch(spec, key) for key in modules):
+            raise TargetModuleError(
+                f"target_modules regex {spec!r} matches no module path (it must match the whole "
+                f"path). Paths look like {list(modules)[:6]}."
+            )
+        return
+    if is_default:
+        return
+    short_names = {key.rsplit(".", 1)[-1] for key in modules}
+    for name in spec:
+        if not any(key == name or key.endswith("." + name) for key in modules):
+            hint = closest_names(name, short_names)
+            raise TargetModuleError(
+                f"Target module {name!r} is not in the base model. Closest module names: "
+                f"{hint}. Fix target_modules (names match the end of a module path)."
+            )

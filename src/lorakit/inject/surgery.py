@@ -1,0 +1,87 @@
+"""Replacing modules with LoRA wrappers and putting the originals back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from ..config import LoraConfig
+from ..layers.base import LoraLayer
+from ..layers.modules_to_save import ModulesToSaveWrapper
+from ..layers.routing import AdapterRouting
+from .matching import InjectionPlan
+
+Wrapper = LoraLayer | ModulesToSaveWrapper
+
+
+def _parent_and_name(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    parent_key, _, name = key.rpartition(".")
+    return (model.get_submodule(parent_key) if parent_key else model), name
+
+
+def replace_module(model: nn.Module, key: str, new_module: nn.Module) -> None:
+    parent, name = _parent_and_name(model, key)
+    setattr(parent, name, new_module)
+
+
+def apply_injection(
+    model: nn.Module,
+    plan: InjectionPlan,
+    config: LoraConfig,
+    adapter_name: str,
+    routing: AdapterRouting,
+) -> None:
+    """Wrap (or extend) every planned module with the adapter `adapter_name`."""
+    for target in plan.targets:
+        module = model.get_submodule(target.key)
+        if isinstance(module, LoraLayer):
+            layer = module
+        else:
+            assert target.entry is not None
+            layer = target.entry.wrap(module, routing)
+            replace_module(model, target.key, layer)
+        layer.add_adapter(
+            adapter_name,
+            r=target.r,
+            lora_alpha=target.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            init_lora_weights=config.init_lora_weights,
+        )
+    for key in plan.modules_to_save:
+        module = model.get_submodule(key)
+        if not isinstance(module, ModulesToSaveWrapper):
+            module = ModulesToSaveWrapper(module, routing)
+            replace_module(model, key, module)
+        module.add_adapter(adapter_name)
+
+
+def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
+    """Yield every lorakit wrapper in the model with its path."""
+    for key, module in model.named_modules():
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            yield key, module
+
+
+def unwrap_model(model: nn.Module, keep_trained_heads: bool) -> nn.Module:
+    """Put each wrapped module back in place of its wrapper.
+
+    Args:
+        model: The model holding wrappers (changed in place).
+        keep_trained_heads: Put the active adapter's copy of each `modules_to_save` module in
+            place (merge_and_unload) instead of the original module (unload).
+    """
+    for key, wrapper in list(iter_wrappers(model)):
+        if keep_trained_heads and isinstance(wrapper, ModulesToSaveWrapper):
+            replace_module(model, key, wrapper.active_module())
+        else:
+            replace_module(model, key, wrapped_module(wrapper))
+    return model
+
+
+def wrapped_module(wrapper: Wrapper) -> nn.Module:
+    """The base model's own module inside a wrapper."""
+    if isinstance(wrapper, LoraLayer):
+        return wrapper.base_layer
+    return wrapper.original_module

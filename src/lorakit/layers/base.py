@@ -1,0 +1,172 @@
+"""`LoraLayer`: the bookkeeping every LoRA wrapper shares (adapters, routing, merging).
+
+A wrapper keeps the original module as `base_layer` and never subclasses it, so `unload()`
+hands back the very objects of the base model. Subclasses supply the math of their layer
+type through four methods: `_create_adapter`, `_adapter_pair`, `_add_adapter_output` and
+`get_delta_weight`; merging only reads and writes the base's dense weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterNameError, MergeError
+from ..ops.lora import lora_scale
+from .init import InitFunction, initialise
+from .routing import AdapterRouting, RowGroup
+
+
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """The `weight` tensor of a module (typed for the checker)."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+class LoraLayer(nn.Module):
+    """A base layer plus any number of named LoRA adapters."""
+
+    init_table: dict[object, InitFunction]
+
+    def __init__(self, base_layer: nn.Module, routing: AdapterRouting) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = routing
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout_p: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+
+    # --- what subclasses provide -------------------------------------------------------
+    def _create_adapter(
+        self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        raise NotImplementedError
+
+    def _adapter_pair(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the (A, B) tensors of an adapter."""
+        raise NotImplementedError
+
+    def _remove_adapter_tensors(self, adapter_name: str) -> None:
+        raise NotImplementedError
+
+    def _add_adapter_output(
+        self, result: torch.Tensor, x: torch.Tensor, adapter_name: str
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW of an adapter in the layout of the base layer's weight."""
+        raise NotImplementedError
+
+    # --- adapters ------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """The dense weight merging writes into."""
+        return module_weight(self.base_layer)
+
+    def adapter_dtype_and_device(self) -> tuple[torch.dtype, torch.device]:
+        """Adapters live beside the base weight; half-precision bases get fp32 adapters."""
+        weight = self.base_weight()
+        dtype = weight.dtype
+        if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
+            dtype = torch.float32
+        return dtype, weight.device
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        use_rslora: bool,
+        init_lora_weights: object,
+    ) -> None:
+        """Create and initialise the tensors of a new adapter in this layer."""
+        if adapter_name in self.r:
+            raise AdapterNameError(f"Adapter {adapter_name!r} already exists in this layer.")
+        dtype, device = self.adapter_dtype_and_device()
+        self._create_adapter(adapter_name, r, dtype, device)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_scale(lora_alpha, r, use_rslora)
+        self.lora_dropout_p[adapter_name] = float(lora_dropout)
+        A, B = self._adapter_pair(adapter_name)
+        initialise(self.init_table, A, B, r, init_lora_weights)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove every tensor and record of an adapter from this layer."""
+        if adapter_name in self.merged_adapters:
+            self.unmerge([adapter_name])
+        self._remove_adapter_tensors(adapter_name)
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p):
+            del table[adapter_name]
+
+    def set_adapter_trainable(self, adapter_name: str, is_trainable: bool) -> None:
+        for tensor in self._adapter_pair(adapter_name):
+            tensor.requires_grad_(is_trainable)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    # --- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        routing = self.routing
+        if routing.is_disabled:
+            return result
+        if routing.row_groups is not None:
+            return self._add_row_group_outputs(result, x, routing.row_groups)
+        for adapter_name in routing.active_adapters:
+            if adapter_name in self.scaling and adapter_name not in self.merged_adapters:
+                result = self._add_adapter_output(result, x, adapter_name)
+        return result
+
+    def _add_row_group_outputs(
+        self, result: torch.Tensor, x: torch.Tensor, groups: tuple[RowGroup, ...]
+    ) -> torch.Tensor:
+        """Each group of rows gets its own adapter's update (reference path, one pass a group)."""
+        if self.merged_adapters:
+            raise MergeError(
+                f"Adapters {self.merged_adapters} are merged into the base weights, so rows "
+                "cannot opt out of them; call unmerge_adapter() before a mixed-adapter batch."
+            )
+        for group in groups:
+            if group.adapter_name not in self.scaling:
+                continue
+            rows = group.rows
+            updated = self._add_adapter_output(result[rows], x[rows], group.adapter_name)
+            result = result.index_copy(0, rows, updated)
+        return result
+
+    # --- merging -------------------------------------------------------------------------
+    @torch.no_grad()
+    def merged_weight_is_finite(self, adapter_name: str) -> bool:
+        """Whether merging `adapter_name` would leave the base weight free of NaN/inf."""
+        weight = self.base_weight()
+        return bool(torch.isfinite(weight + self.get_delta_weight(adapter_name)).all())
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str]) -> None:
+        """Add s·BA of each named adapter into the base weight (idempotent per adapter)."""
+        weight = self.base_weight()
+        for adapter_name in adapter_names:
+            if adapter_name not in self.r or adapter_name in self.merged_adapters:
+                continue
+            weight.add_(self.get_delta_weight(adapter_name).to(weight.dtype))
+            self.merged_adapters.append(adapter_name)
+
+    @torch.no_grad()
+    def unmerge(self, adapter_names: list[str] | None = None) -> None:
+        """Subtract merged adapters from the base weight, newest first."""
+        weight = self.base_weight()
+        names = list(self.merged_adapters) if adapter_names is None else adapter_names
+        for adapter_name in reversed(names):
+            if adapter_name not in self.merged_adapters:
+                continue
+            weight.sub_(self.get_delta_weight(adapter_name).to(weight.dtype))
+            self.merged_adapters.remove(adapter_name)

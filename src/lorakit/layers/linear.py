@@ -1,0 +1,56 @@
+"""LoRA around a linear map: `torch.nn.Linear`, or transformers' `Conv1D` (weight (in, out))."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.lora import add_lora_linear, delta_weight
+from .base import LoraLayer, module_weight
+from .init import LINEAR_INITS
+from .routing import AdapterRouting
+
+
+class LoraLinear(LoraLayer):
+    """y = base(x) + s · B(A(drop(x))); A and B are bias-free `nn.Linear`s in `lora_A`/`lora_B`."""
+
+    init_table = LINEAR_INITS
+
+    def __init__(
+        self, base_layer: nn.Module, routing: AdapterRouting, fan_in_fan_out: bool = False
+    ) -> None:
+        super().__init__(base_layer, routing)
+        self.fan_in_fan_out = fan_in_fan_out
+        rows, columns = self.base_weight().shape
+        self.in_features, self.out_features = (rows, columns) if fan_in_fan_out else (columns, rows)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create_adapter(
+        self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        options = {"bias": False, "dtype": dtype, "device": device}
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, **options)  # type: ignore[arg-type]
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, **options)  # type: ignore[arg-type]
+
+    def _adapter_pair(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return module_weight(self.lora_A[adapter_name]), module_weight(self.lora_B[adapter_name])
+
+    def _remove_adapter_tensors(self, adapter_name: str) -> None:
+        del self.lora_A[adapter_name]
+        del self.lora_B[adapter_name]
+
+    def _add_adapter_output(
+        self, result: torch.Tensor, x: torch.Tensor, adapter_name: str
+    ) -> torch.Tensor:
+        A, B = self._adapter_pair(adapter_name)
+        p = self.lora_dropout_p[adapter_name] if self.training else 0.0
+        return add_lora_linear(result, x, A, B, self.scaling[adapter_name], p)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self._adapter_pair(adapter_name)
+        delta = delta_weight(A, B, self.scaling[adapter_name])  # (out, in)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -1,0 +1,331 @@
+"""`PeftModel` and `get_peft_model`: a base model with named LoRA adapters and their lifecycle.
+
+State-dict keys follow PEFT: `PeftModel.base_model` is a `LoraModel` whose `.model` is the
+user's model, so keys read `base_model.model.<path>.lora_A.<adapter>.weight`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoraConfig, TaskType
+from .constants import BASE_ADAPTER_NAME, DEFAULT_ADAPTER_NAME, TASK_HEAD_MODULES
+from .errors import AdapterNameError, MergeError
+from .inject import (
+    apply_injection,
+    iter_wrappers,
+    plan_injection,
+    replace_module,
+    unwrap_model,
+    wrapped_module,
+)
+from .layers.base import LoraLayer
+from .layers.modules_to_save import ModulesToSaveWrapper
+from .layers.routing import AdapterRouting, RowGroup
+
+logger = logging.getLogger(__name__)
+
+
+class LoraModel(nn.Module):
+    """Holds the user's model as `.model`; every lorakit layer in it reads `routing`."""
+
+    def __init__(self, model: nn.Module, routing: AdapterRouting) -> None:
+        super().__init__()
+        self.model = model
+        self.routing = routing
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A base model with LoRA adapters; calls and unknown attributes pass through to the base."""
+
+    def __init__(
+        self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER_NAME
+    ) -> None:
+        super().__init__()
+        self.routing = AdapterRouting()
+        self.base_model = LoraModel(model, self.routing)
+        self.peft_config: dict[str, LoraConfig] = {}
+        model.requires_grad_(False)
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # --- pass-through ----------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model, with lorakit layers in it."""
+        model: nn.Module = self.base_model.model
+        return model
+
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """Run the base model; `adapter_names` names one adapter per row ("__base__" = none)."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self._rows_routed(adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
+
+    def generate(
+        self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> Any:
+        """transformers' `generate` of the base model, with the active (or per-row) adapters."""
+        base: Any = self.get_base_model()
+        generate = base.generate
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        with self._rows_routed(adapter_names, args, kwargs):
+            return generate(*args, **kwargs)
+
+    # --- adapters --------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.routing.active_adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter (PEFT's attribute)."""
+        return self.routing.active_adapters[0] if self.routing.active_adapters else ""
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Inject a new, inactive adapter; on any error the model is left unchanged."""
+        if adapter_name in self.peft_config:
+            raise AdapterNameError(
+                f"Adapter {adapter_name!r} already exists; pick another name or "
+                f"delete_adapter({adapter_name!r}) first."
+            )
+        if adapter_name == BASE_ADAPTER_NAME or not adapter_name:
+            raise AdapterNameError(f"{adapter_name!r} cannot name an adapter; it is reserved.")
+        config = self._config_for(peft_config)
+        model = self.get_base_model()
+        plan = plan_injection(model, config)
+        apply_injection(model, plan, config, adapter_name, self.routing)
+        self.peft_config[adapter_name] = config
+        self._refresh_trainable()
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make these adapters the active ones (one assignment; trainability follows)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_exist(names)
+        self.routing.active_adapters = tuple(names)
+        self._refresh_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer; wrappers left with no adapter are unwrapped."""
+        self._check_exist([adapter_name])
+        model = self.get_base_model()
+        for key, wrapper in list(iter_wrappers(model)):
+            if adapter_name not in wrapper.adapter_names:
+                continue
+            wrapper.delete_adapter(adapter_name)
+            if not wrapper.adapter_names:
+                replace_module(model, key, wrapped_module(wrapper))
+        del self.peft_config[adapter_name]
+        remaining = [name for name in self.routing.active_adapters if name != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.routing.active_adapters = tuple(remaining)
+        self._refresh_trainable()
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the bare base model inside the block; merged adapters are unmerged meanwhile."""
+        merged = {key: list(layer.merged_adapters) for key, layer in self._lora_layers()}
+        merged = {key: names for key, names in merged.items() if names}
+        if merged:
+            logger.warning("Unmerging adapters while they are disabled; they merge back after.")
+            self.unmerge_adapter()
+        was_disabled = self.routing.is_disabled
+        self.routing.is_disabled = True
+        try:
+            yield
+        finally:
+            self.routing.is_disabled = was_disabled
+            layers = dict(self._lora_layers())
+            for key, names in merged.items():
+                layers[key].merge(names)
+
+    # --- merging ---------------------------------------------------------------------------
+    def merge_adapter(
+        self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False
+    ) -> None:
+        """Add s·BA of the adapters (default: the active ones) into the base weights.
+
+        With `safe_merge`, every layer's merged weight is checked for NaN/inf before any is
+        written, so a broken adapter leaves the model untouched.
+        """
+        names = list(self.routing.active_adapters if adapter_names is None else adapter_names)
+        self._check_exist(names)
+        layers = list(self._lora_layers())
+        if safe_merge:
+            for key, layer in layers:
+                for name in names:
+                    if name in layer.r and not layer.merged_weight_is_finite(name):
+                        raise MergeError(
+                            f"Merging adapter {name!r} into {key!r} would produce NaN/inf; "
+                            "nothing was merged. Check the adapter weights."
+                        )
+        for _, layer in layers:
+            layer.merge(names)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights."""
+        for _, layer in self._lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Sequence[str] | None = None,
+    ) -> nn.Module:
+        """Merge the adapters and return the plain base model (no lorakit module left)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return unwrap_model(self.get_base_model(), keep_trained_heads=True)
+
+    def unload(self) -> nn.Module:
+        """Return the base model with its original modules back in place (adapters dropped)."""
+        if any(layer.merged_adapters for _, layer in self._lora_layers()):
+            logger.warning("unload() unmerges merged adapters first (exact to rounding).")
+            self.unmerge_adapter()
+        return unwrap_model(self.get_base_model(), keep_trained_heads=False)
+
+    # --- parameters ------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """Return (trainable parameters, all parameters)."""
+        trainable = total = 0
+        for parameter in self.parameters():
+            total += parameter.numel()
+            if parameter.requires_grad:
+                trainable += parameter.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} "
+            f"|| trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Checkpoint the base model's blocks; inputs require grad so frozen blocks still
+        pass gradients through to the adapters inside them."""
+        base = self.get_base_model()
+        base.gradient_checkpointing_enable(**kwargs)  # type: ignore[operator]
+        enable = getattr(base, "enable_input_require_grads", None)
+        if callable(enable):
+            enable()
+
+    # --- internals -------------------------------------------------------------------------
+    def _config_for(self, peft_config: LoraConfig) -> LoraConfig:
+        """A private copy of the user's config, with task heads and the base path filled in."""
+        config = dataclasses.replace(peft_config)
+        task = config.task_type
+        if task is not None and TaskType(task).value in TASK_HEAD_MODULES:
+            heads = TASK_HEAD_MODULES[TaskType(task).value]
+            config.modules_to_save = list(config.modules_to_save or []) + [
+                head for head in heads if head not in (config.modules_to_save or [])
+            ]
+        if config.base_model_name_or_path is None:
+            base_config = getattr(self.get_base_model(), "config", None)
+            config.base_model_name_or_path = getattr(base_config, "_name_or_path", None) or None
+        return config
+
+    def _check_exist(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterNameError(
+                    f"Adapter {name!r} does not exist; existing adapters: {list(self.peft_config)}."
+                )
+
+    def _lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        for key, wrapper in iter_wrappers(self.get_base_model()):
+            if isinstance(wrapper, LoraLayer):
+                yield key, wrapper
+
+    def _refresh_trainable(self) -> None:
+        """Active, non-inference adapters train; `bias` decides which biases train too."""
+        active = set(self.routing.active_adapters)
+        model = self.get_base_model()
+        for _, wrapper in iter_wrappers(model):
+            for name in wrapper.adapter_names:
+                config = self.peft_config.get(name)
+                is_trainable = name in active and config is not None and not config.inference_mode
+                wrapper.set_adapter_trainable(name, is_trainable)
+        for name in active:
+            config = self.peft_config[name]
+            if config.inference_mode or config.bias == "none":
+                continue
+            for key, parameter in model.named_parameters():
+                if not key.endswith("bias"):
+                    continue
+                if config.bias == "all" or ".base_layer." in f".{key}":
+                    parameter.requires_grad_(True)
+
+    @contextmanager
+    def _rows_routed(
+        self, adapter_names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Iterator[None]:
+        known = set(self.peft_config) | {BASE_ADAPTER_NAME}
+        unknown = sorted(set(adapter_names) - known)
+        if unknown:
+            raise AdapterNameError(
+                f"adapter_names has unknown adapters {unknown}; known: {sorted(known)}."
+            )
+        batch = _batch_size(args, kwargs)
+        if batch is not None and batch != len(adapter_names):
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows; "
+                "give one adapter name per row."
+            )
+        device = next(self.parameters()).device
+        groups = []
+        for name in dict.fromkeys(adapter_names):
+            rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
+            groups.append(RowGroup(name, torch.tensor(rows, dtype=torch.long, device=device)))
+        previous = self.routing.row_groups
+        self.routing.row_groups = tuple(groups)
+        try:
+            yield
+        finally:
+            self.routing.row_groups = previous
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+def get_peft_model(
+    model: nn.Module, peft_config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER_NAME
+) -> PeftModel:
+    """Wrap `model` with a new trainable LoRA adapter; base weights are frozen."""
+    return PeftModel(model, peft_config, adapter_name=adapter_name)
+
+
+# ModulesToSaveWrapper is re-exported for isinstance checks by users.
+__all__ = ["LoraModel", "ModulesToSaveWrapper", "PeftModel", "get_peft_model"]

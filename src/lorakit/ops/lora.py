@@ -1,0 +1,151 @@
+"""The LoRA update: y = W x + s · B (A drop(x)), its scale and its dense delta s · B A.
+
+Shapes: x (..., in), A (r, in), B (out, r), u = drop(x) A^T (..., r), y (..., out).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .dropout import draw_seed, keep_mask
+
+
+def lora_scale(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """s = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (rank-stabilised scaling)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW = s · B A, shape (out, in), computed in the adapter dtype."""
+    return (B @ A) * scale
+
+
+class _LoraLinearUpdate(torch.autograd.Function):
+    """y = y_base + c · (x ⊙ m) A^T B^T with c = s / (1 - p), added into y_base in place.
+
+    Saves x (a reference the base usually keeps anyway), A, B, the small u = (x ⊙ m) A^T and
+    the dropout seed; the keep-mask m is regenerated in backward instead of being stored.
+    The 1 / (1 - p) rescale is folded into c, so it touches (N, r) values, not (N, in).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: float,
+        p: float,
+        seed: int,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        dropped = _apply_mask(x2, p, seed)
+        u = dropped @ A.t()  # (N, r)
+        c = scale / (1.0 - p)
+        result.view(-1, result.shape[-1]).addmm_(u, B.t(), alpha=c)  # (N, out) += c u B^T
+        ctx.mark_dirty(result)
+        ctx.save_for_backward(x, A, B, u)
+        ctx.c, ctx.p, ctx.seed = c, p, seed
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, A, B, u = ctx.saved_tensors
+        c, p, seed = ctx.c, ctx.p, ctx.seed
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        _, need_x, need_A, need_B = ctx.needs_input_grad[:4]
+        grad_x = grad_A = grad_B = None
+        if need_B:
+            grad_B = (g.t() @ u).mul_(c)  # (out, r)
+        if need_x or need_A:
+            grad_u = (g @ B).mul_(c)  # (N, r)
+            if need_A:
+                x2 = x.reshape(-1, x.shape[-1])
+                grad_A = grad_u.t() @ _apply_mask(x2, p, seed)  # (r, in)
+            if need_x:
+                grad_x2 = grad_u @ A  # (N, in)
+                if p > 0:
+                    dropped = ~keep_mask(tuple(grad_x2.shape), p, seed, grad_x2.device)
+                    grad_x2.masked_fill_(dropped, 0)
+                grad_x = grad_x2.view(x.shape)
+        return grad, grad_x, grad_A, grad_B, None, None, None
+
+
+def _apply_mask(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    if p == 0:
+        return x2
+    return x2.masked_fill(~keep_mask(tuple(x2.shape), p, seed, x2.device), 0)
+
+
+def add_lora_linear(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Return result + s · drop(x) A^T B^T, written into `result` when that is safe.
+
+    `result` is the base layer's output for `x`; dropout with probability `dropout_p` applies
+    to the LoRA branch's input only (pass 0 outside training).
+    """
+    if x.dtype != A.dtype or result.dtype != A.dtype or not _writable(result):
+        return _add_lora_linear_reference(result, x, A, B, scale, dropout_p)
+    seed = draw_seed() if dropout_p > 0 else 0
+    needs_graph = torch.is_grad_enabled() and (
+        result.requires_grad or x.requires_grad or A.requires_grad or B.requires_grad
+    )
+    if needs_graph:
+        out: torch.Tensor = _LoraLinearUpdate.apply(result, x, A, B, scale, dropout_p, seed)
+        return out
+    x2 = _apply_mask(x.reshape(-1, x.shape[-1]), dropout_p, seed)
+    result.view(-1, result.shape[-1]).addmm_(x2 @ A.t(), B.t(), alpha=scale / (1.0 - dropout_p))
+    return result
+
+
+def _writable(result: torch.Tensor) -> bool:
+    """In-place is safe on a fresh contiguous output that is not a view of something else."""
+    is_trainable_leaf = result.is_leaf and result.requires_grad
+    return result.is_contiguous() and result._base is None and not is_trainable_leaf
+
+
+def _add_lora_linear_reference(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+) -> torch.Tensor:
+    """Plain-autograd form for mixed dtypes: branch in the adapter dtype, cast back once."""
+    x_lora = x.to(A.dtype)
+    if dropout_p > 0:
+        x_lora = torch.nn.functional.dropout(x_lora, dropout_p, training=True)
+    update = (x_lora @ A.t()) @ B.t()
+    return result + (update * scale).to(result.dtype)
+
+
+def add_lora_embedding(
+    result: torch.Tensor, indices: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Return result + s · A^T[indices] B^T.
+
+    Shapes: A (r, num_embeddings), B (dim, r); A^T[indices] is (..., r).
+    """
+    rows = torch.nn.functional.embedding(indices, A.t())  # (..., r)
+    return result + ((rows @ B.t()) * scale).to(result.dtype)
+
+
+def conv_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW = s · B ∘ A for a conv A (r, in, *k) followed by a 1×1 conv B (out, r, 1, ...).
+
+    The composition of a kernel-k conv with a 1×1 conv is one kernel-k conv whose weight is
+    ΔW[o, i, *k] = s · Σ_j B[o, j] A[j, i, *k].
+    """
+    B2 = B.reshape(B.shape[0], B.shape[1])  # (out, r)
+    return torch.einsum("oj,j...->o...", B2, A) * scale
