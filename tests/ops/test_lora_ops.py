@@ -1,0 +1,123 @@
+"""The LoRA math against hand computations in float64, and the fused backward against autograd."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorakit.ops.dropout import draw_seed, keep_mask
+from lorakit.ops.lora import add_lora_linear, conv_delta_weight, delta_weight, lora_scale
+
+EXACT = 1e-10  # float64 hand computation: only summation order differs
+
+
+def test_scale_plain_and_rslora() -> None:
+    assert lora_scale(32, 16, use_rslora=False) == 2.0
+    assert lora_scale(32, 16, use_rslora=True) == 8.0
+    assert lora_scale(8, 3, use_rslora=True) == pytest.approx(8 / math.sqrt(3), rel=1e-15)
+
+
+def test_delta_weight_is_scaled_b_times_a() -> None:
+    A = torch.randn(3, 5, dtype=torch.float64)
+    B = torch.randn(4, 3, dtype=torch.float64)
+    expected = torch.zeros(4, 5, dtype=torch.float64)
+    for o in range(4):
+        for i in range(5):
+            expected[o, i] = 1.5 * sum(B[o, j] * A[j, i] for j in range(3))
+    assert torch.allclose(delta_weight(A, B, 1.5), expected, atol=EXACT, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    d_in=st.integers(1, 9),
+    d_out=st.integers(1, 9),
+    r=st.integers(1, 4),
+    p=st.sampled_from([0.0, 0.1, 0.5]),
+    seed=st.integers(0, 2**31),
+)
+def test_add_lora_linear_matches_hand_computation(
+    n: int, d_in: int, d_out: int, r: int, p: float, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    x = torch.randn(2, n, d_in, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(r, d_in, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(d_out, d_in, dtype=torch.float64)
+    scale = 0.75
+    torch.manual_seed(seed + 1)
+    out = add_lora_linear(x @ W.t(), x, A, B, scale, dropout_p=p)
+    # Hand computation with the same mask: the op draws its seed first from torch's generator.
+    torch.manual_seed(seed + 1)
+    mask = keep_mask((2 * n, d_in), p, draw_seed(), x.device).view(2, n, d_in) if p else None
+    x_dropped = x * mask / (1 - p) if mask is not None else x
+    expected = x @ W.t() + scale * (x_dropped @ A.t()) @ B.t()
+    assert torch.allclose(out, expected, atol=EXACT, rtol=0)
+    # Gradients of the fused backward equal autograd through the plain formula.
+    weights = torch.randn_like(expected)
+    got = torch.autograd.grad((out * weights).sum(), (x, A, B))
+    want = torch.autograd.grad((expected * weights).sum(), (x, A, B))
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=EXACT, rtol=0)
+
+
+def test_fused_update_passes_gradcheck() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(5, 4, dtype=torch.float64)
+
+    def function(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return add_lora_linear(x @ W.t(), x, A, B, 2.0, dropout_p=0.0)
+
+    assert torch.autograd.gradcheck(function, (x, A, B))
+
+
+def test_inference_path_writes_in_place_and_matches() -> None:
+    x = torch.randn(4, 6, dtype=torch.float64)
+    A = torch.randn(2, 6, dtype=torch.float64)
+    B = torch.randn(3, 2, dtype=torch.float64)
+    base = torch.randn(4, 3, dtype=torch.float64)
+    expected = base + 0.5 * x @ A.t() @ B.t()
+    with torch.no_grad():
+        out = add_lora_linear(base, x, A, B, 0.5)
+    assert out.data_ptr() == base.data_ptr()
+    assert torch.allclose(out, expected, atol=EXACT, rtol=0)
+
+
+def test_mixed_dtypes_take_the_reference_path() -> None:
+    x = torch.randn(4, 6, dtype=torch.bfloat16)
+    A = torch.randn(2, 6)
+    B = torch.randn(3, 2)
+    base = torch.randn(4, 3, dtype=torch.bfloat16)
+    out = add_lora_linear(base, x, A, B, 0.5)
+    assert out.dtype == torch.bfloat16
+    expected = (base.float() + 0.5 * (x.float() @ A.t() @ B.t())).to(torch.bfloat16)
+    assert torch.allclose(out.float(), expected.float(), atol=0.05, rtol=0.02)
+
+
+def test_keep_mask_is_deterministic_and_has_rate_p() -> None:
+    shape = (400, 500)
+    first = keep_mask(shape, 0.3, seed=123, device=torch.device("cpu"))
+    again = keep_mask(shape, 0.3, seed=123, device=torch.device("cpu"))
+    other = keep_mask(shape, 0.3, seed=124, device=torch.device("cpu"))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    drop_rate = 1 - first.double().mean().item()
+    # 200k Bernoulli(0.3) draws: standard error 0.001, so 5 sigma is 0.005.
+    assert abs(drop_rate - 0.3) < 0.005
+    assert keep_mask(shape, 0.0, seed=5, device=torch.device("cpu")).all()
+
+
+def test_conv_delta_weight_composes_kernels() -> None:
+    A = torch.randn(2, 3, 3, 3, dtype=torch.float64)  # r=2, in=3, 3x3 kernel
+    B = torch.randn(4, 2, 1, 1, dtype=torch.float64)  # out=4
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    composed = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, A), B) * 0.5
+    merged = torch.nn.functional.conv2d(x, conv_delta_weight(A, B, 0.5))
+    assert torch.allclose(composed, merged, atol=EXACT, rtol=0)
