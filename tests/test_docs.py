@@ -1,0 +1,37 @@
+"""Every Python example in the README runs, and the core never imports transformers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+def test_readme_quickstart_runs() -> None:
+    blocks = _python_blocks(README.read_text())
+    assert blocks, "README has no python example"
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), {"__name__": "readme"})
+
+
+def test_readme_has_exactly_two_setup_commands() -> None:
+    commands = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    assert len(commands) == 2
+    assert all("pip install torch==2.13.0" in command for command in commands)
+
+
+def test_core_does_not_import_transformers() -> None:
+    code = (
+        "import sys, lorakit, lorakit.layers, lorakit.inject, lorakit.ops.lora;"
+        "bad = [m for m in ('transformers', 'peft') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
