@@ -1,0 +1,1 @@
+"""Tests of lorakit.train: data reading, tokenising, batching, metrics."""
