@@ -7,8 +7,10 @@ handlers keep working.
 
 from __future__ import annotations
 
+from ..errors import LorakitError
 
-class DataError(ValueError):
+
+class DataError(LorakitError, ValueError):
     """Base class for problems with a dataset's files or rows."""
 
 
