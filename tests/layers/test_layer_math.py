@@ -10,7 +10,7 @@ from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.layers import LoraConv, LoraEmbedding, LoraLinear
-from lorakit.ops.dropout import draw_seed, keep_mask
+from lorakit.ops.dropout import draw_seed, drop_mask
 
 EXACT = 1e-10  # float64; only the order of summation differs from the hand computation
 SCALINGS = [
@@ -60,10 +60,10 @@ def test_linear_with_dropout_uses_the_drawn_mask(p: float) -> None:
     torch.manual_seed(42)
     out = model(x)
     torch.manual_seed(42)
-    mask = keep_mask((12, 7), p, draw_seed(), x.device).view(3, 4, 7)
+    mask = drop_mask((12, 7), p, draw_seed(), x.device).view(3, 4, 7)
     W, b = layer.base_layer.weight, layer.base_layer.bias
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    expected = x @ W.t() + b + 2.0 * ((x * mask / (1 - p)) @ A.t()) @ B.t()
+    expected = x @ W.t() + b + 2.0 * ((x * ~mask / (1 - p)) @ A.t()) @ B.t()
     assert torch.allclose(out, expected, atol=EXACT, rtol=0)
     model.eval()  # no dropout outside training
     no_drop = x @ W.t() + b + 2.0 * (x @ A.t()) @ B.t()

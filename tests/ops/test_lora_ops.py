@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorakit.ops.dropout import draw_seed, keep_mask
+from lorakit.ops.dropout import draw_seed, drop_mask
 from lorakit.ops.lora import add_lora_linear, conv_delta_weight, delta_weight, lora_scale
 
 EXACT = 1e-10  # float64 hand computation: only summation order differs
@@ -53,8 +53,8 @@ def test_add_lora_linear_matches_hand_computation(
     out = add_lora_linear(x @ W.t(), x, A, B, scale, dropout_p=p)
     # Hand computation with the same mask: the op draws its seed first from torch's generator.
     torch.manual_seed(seed + 1)
-    mask = keep_mask((2 * n, d_in), p, draw_seed(), x.device).view(2, n, d_in) if p else None
-    x_dropped = x * mask / (1 - p) if mask is not None else x
+    mask = drop_mask((2 * n, d_in), p, draw_seed(), x.device).view(2, n, d_in) if p else None
+    x_dropped = x * ~mask / (1 - p) if mask is not None else x
     expected = x @ W.t() + scale * (x_dropped @ A.t()) @ B.t()
     assert torch.allclose(out, expected, atol=EXACT, rtol=0)
     # Gradients of the fused backward equal autograd through the plain formula.
@@ -101,17 +101,17 @@ def test_mixed_dtypes_take_the_reference_path() -> None:
     assert torch.allclose(out.float(), expected.float(), atol=0.05, rtol=0.02)
 
 
-def test_keep_mask_is_deterministic_and_has_rate_p() -> None:
+def test_drop_mask_is_deterministic_and_has_rate_p() -> None:
     shape = (400, 500)
-    first = keep_mask(shape, 0.3, seed=123, device=torch.device("cpu"))
-    again = keep_mask(shape, 0.3, seed=123, device=torch.device("cpu"))
-    other = keep_mask(shape, 0.3, seed=124, device=torch.device("cpu"))
+    first = drop_mask(shape, 0.3, seed=123, device=torch.device("cpu"))
+    again = drop_mask(shape, 0.3, seed=123, device=torch.device("cpu"))
+    other = drop_mask(shape, 0.3, seed=124, device=torch.device("cpu"))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
-    drop_rate = 1 - first.double().mean().item()
+    drop_rate = first.double().mean().item()
     # 200k Bernoulli(0.3) draws: standard error 0.001, so 5 sigma is 0.005.
     assert abs(drop_rate - 0.3) < 0.005
-    assert keep_mask(shape, 0.0, seed=5, device=torch.device("cpu")).all()
+    assert not drop_mask(shape, 0.0, seed=5, device=torch.device("cpu")).any()
 
 
 def test_conv_delta_weight_composes_kernels() -> None:

@@ -19,12 +19,12 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
 
 
-def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """Return a bool mask, True with probability 1 - p per element, fully determined by `seed`.
+def drop_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """Return a bool mask, True (drop) with probability p per element, fully set by `seed`.
 
     On CPU the bits come from numpy's SFC64 generator (several times faster than torch's
-    per-element Mersenne Twister) as uniform int32 values r, and an element is kept when
-    r >= -2^31 + round(p * 2^32): the drop probability is p to within 2^-33.
+    per-element Mersenne Twister) as uniform int32 values r, and an element is dropped when
+    r < -2^31 + round(p * 2^32): the drop probability is p to within 2^-33.
     On other devices torch's own generator of that device is seeded with `seed`.
     """
     count = 1
@@ -34,7 +34,7 @@ def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device)
         words = np.random.SFC64(seed).random_raw((count + 1) // 2)
         draws = torch.from_numpy(words.view(np.int32)[:count]).view(shape)
         threshold = _INT32_MIN + round(p * _INT32_SPAN)
-        return draws >= threshold
+        return draws < threshold
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    return torch.rand(shape, generator=generator, device=device) >= p
+    return torch.rand(shape, generator=generator, device=device) < p

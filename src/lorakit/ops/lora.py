@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .dropout import draw_seed, keep_mask
+from .dropout import draw_seed, drop_mask
 
 
 def lora_scale(lora_alpha: float, r: int, use_rslora: bool) -> float:
@@ -27,7 +27,7 @@ class _LoraLinearUpdate(torch.autograd.Function):
     """y = y_base + c · (x ⊙ m) A^T B^T with c = s / (1 - p), in one fused addmm.
 
     Saves x (a reference the base usually keeps anyway), A, B, the small u = (x ⊙ m) A^T and
-    the dropout seed; the keep-mask m is regenerated in backward instead of being stored.
+    the dropout seed; the keep-mask m is regenerated once in backward instead of being stored.
     The 1 / (1 - p) rescale is folded into c, so it touches (N, r) values, not (N, in).
     """
 
@@ -62,13 +62,14 @@ class _LoraLinearUpdate(torch.autograd.Function):
             grad_B = (g.t() @ u).mul_(c)  # (out, r)
         if need_x or need_A:
             grad_u = (g @ B).mul_(c)  # (N, r)
+            x2 = x.reshape(-1, x.shape[-1])
+            dropped = drop_mask(tuple(x2.shape), p, seed, x2.device) if p > 0 else None
             if need_A:
-                x2 = x.reshape(-1, x.shape[-1])
-                grad_A = grad_u.t() @ _apply_mask(x2, p, seed)  # (r, in)
+                x_kept = x2 if dropped is None else x2.masked_fill(dropped, 0)
+                grad_A = grad_u.t() @ x_kept  # (r, in)
             if need_x:
                 grad_x2 = grad_u @ A  # (N, in)
-                if p > 0:
-                    dropped = ~keep_mask(tuple(grad_x2.shape), p, seed, grad_x2.device)
+                if dropped is not None:
                     grad_x2.masked_fill_(dropped, 0)
                 grad_x = grad_x2.view(x.shape)
         return grad, grad_x, grad_A, grad_B, None, None, None
@@ -77,7 +78,7 @@ class _LoraLinearUpdate(torch.autograd.Function):
 def _apply_mask(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     if p == 0:
         return x2
-    return x2.masked_fill(~keep_mask(tuple(x2.shape), p, seed, x2.device), 0)
+    return x2.masked_fill(drop_mask(tuple(x2.shape), p, seed, x2.device), 0)
 
 
 def add_lora_linear(
