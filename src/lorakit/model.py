@@ -167,6 +167,36 @@ class PeftModel(nn.Module):
             for key, names in merged.items():
                 layers[key].merge(names)
 
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        svd_driver: str | None = None,
+    ) -> None:
+        """Make a new adapter combining existing ones: "linear", "cat" (exact Σ wᵢΔWᵢ), "svd"
+        (best rank-k fit of Σ wᵢΔWᵢ), "ties", "dare_linear", "dare_ties", "magnitude_prune"
+        and their "_svd" forms, with peft's meanings. The new adapter is not activated."""
+        from .weighted import add_weighted_adapter
+
+        add_weighted_adapter(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            density=density,
+            majority_sign_method=majority_sign_method,
+            svd_driver=svd_driver,
+        )
+
     # --- merging ---------------------------------------------------------------------------
     def merge_adapter(
         self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False
