@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 
-from ..ops.lora import add_lora_linear, delta_weight
+from ..ops.lora import add_lora_linear, delta_weight, lora_linear
 from .base import LoraLayer, module_weight
 from .init import LINEAR_INITS
 from .routing import AdapterRouting
@@ -39,6 +41,37 @@ class LoraLinear(LoraLayer):
     def _remove_adapter_tensors(self, adapter_name: str) -> None:
         del self.lora_A[adapter_name]
         del self.lora_B[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_name = self._single_fusable_adapter(x, args, kwargs)
+        if adapter_name is None:
+            return super().forward(x, *args, **kwargs)
+        base = cast(nn.Linear, self.base_layer)
+        A, B = self._adapter_pair(adapter_name)
+        p = self.lora_dropout_p[adapter_name] if self.training else 0.0
+        return lora_linear(x, base.weight, base.bias, A, B, self.scaling[adapter_name], p)
+
+    def _single_fusable_adapter(
+        self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> str | None:
+        """The one adapter to run fused with a plain `nn.Linear` base, if that path applies.
+
+        The fused path owns the base matmul, so it only runs for an exact `nn.Linear` without
+        hooks, one unmerged active adapter, and one dtype throughout.
+        """
+        routing = self.routing
+        base = self.base_layer
+        if routing.is_disabled or routing.row_groups is not None or args or kwargs:
+            return None
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        present = [name for name in routing.active_adapters if name in self.scaling]
+        if len(present) != 1 or present[0] in self.merged_adapters:
+            return None
+        A = self.lora_A[present[0]].weight
+        if not (x.dtype == A.dtype == base.weight.dtype):
+            return None
+        return present[0]
 
     def _add_adapter_output(
         self, result: torch.Tensor, x: torch.Tensor, adapter_name: str

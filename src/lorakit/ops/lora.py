@@ -146,3 +146,99 @@ def conv_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.T
     """
     B2 = B.reshape(B.shape[0], B.shape[1])  # (out, r)
     return torch.einsum("oj,j...->o...", B2, A) * scale
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """y = x W^T + b + c · (x ⊙ m) A^T B^T, for a dense linear base, as one autograd node.
+
+    Owning the base matmul lets the LoRA term be added into the base output in place and the
+    LoRA input-gradient be added into the base input-gradient in place, so the update costs
+    only its thin matmuls: no extra full-size tensors and no extra passes over them.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        W: torch.Tensor,
+        bias: torch.Tensor | None,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: float,
+        p: float,
+        seed: int,
+    ) -> torch.Tensor:
+        out, u = _fused_forward(x, W, bias, A, B, scale, p, seed)
+        ctx.save_for_backward(x, W, A, B, u)
+        ctx.c, ctx.p, ctx.seed, ctx.has_bias = scale / (1.0 - p), p, seed, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, W, A, B, u = ctx.saved_tensors
+        c, p, seed = ctx.c, ctx.p, ctx.seed
+        need_x, need_W, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_W = grad_bias = grad_A = grad_B = None
+        if need_B:
+            grad_B = (g.t() @ u).mul_(c)  # (out, r)
+        if need_W:
+            grad_W = g.t() @ x2  # (out, in)
+        if need_bias and ctx.has_bias:
+            grad_bias = g.sum(0)
+        if need_x or need_A:
+            grad_u = (g @ B).mul_(c)  # (N, r)
+            dropped = drop_mask(tuple(x2.shape), p, seed, x2.device) if p > 0 else None
+            if need_A:
+                x_kept = x2 if dropped is None else x2.masked_fill(dropped, 0)
+                grad_A = grad_u.t() @ x_kept  # (r, in)
+            if need_x:
+                lora_grad = grad_u @ A  # (N, in)
+                if dropped is None:
+                    grad_x2 = torch.addmm(lora_grad, g, W)  # g W + grad_u A in one pass
+                else:
+                    grad_x2 = torch.addmm(lora_grad.masked_fill_(dropped, 0), g, W)
+                grad_x = grad_x2.view(x.shape)
+        return grad_x, grad_W, grad_bias, grad_A, grad_B, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """y = x W^T + b + s · drop(x) A^T B^T for a dense linear base (W: (out, in)).
+
+    All tensors must share one dtype; callers use `add_lora_linear` otherwise.
+    """
+    seed = draw_seed() if dropout_p > 0 else 0
+    needs_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, W, bias, A, B)
+    )
+    if needs_graph:
+        out: torch.Tensor = _FusedLoraLinear.apply(x, W, bias, A, B, scale, dropout_p, seed)
+        return out
+    return _fused_forward(x, W, bias, A, B, scale, dropout_p, seed)[0]
+
+
+def _fused_forward(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x W^T + b + c u B^T, u) with u = (x ⊙ m) A^T and c = s / (1 - p)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    u = _apply_mask(x2, p, seed) @ A.t()  # (N, r)
+    out = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())  # (N, out)
+    out.addmm_(u, B.t(), alpha=scale / (1.0 - p))
+    return out.view(*x.shape[:-1], out.shape[-1]), u
