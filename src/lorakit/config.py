@@ -215,7 +215,9 @@ class LoraConfig:
 
 
 # Fields peft writes that carry no meaning for the adapter's numbers.
-_PEFT_BOOKKEEPING = frozenset({"peft_type", "peft_version", "auto_mapping", "megatron_core"})
+_PEFT_BOOKKEEPING = frozenset(
+    {"peft_type", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"}
+)
 
 
 def _is_set(value: object) -> bool:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,9 +28,11 @@ from .inject import (
     unwrap_model,
     wrapped_module,
 )
+from .io import read_adapter_config
 from .layers.base import LoraLayer
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .layers.routing import AdapterRouting, RowGroup
+from .persistence import config_from_file, load_adapter_into, save_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +61,19 @@ class PeftModel(nn.Module):
     """A base model with LoRA adapters; calls and unknown attributes pass through to the base."""
 
     def __init__(
-        self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER_NAME
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig,
+        adapter_name: str = DEFAULT_ADAPTER_NAME,
+        *,
+        init_weights: bool = True,
     ) -> None:
         super().__init__()
         self.routing = AdapterRouting()
         self.base_model = LoraModel(model, self.routing)
         self.peft_config: dict[str, LoraConfig] = {}
         model.requires_grad_(False)
-        self.add_adapter(adapter_name, peft_config)
+        self.add_adapter(adapter_name, peft_config, init_weights=init_weights)
         self.set_adapter(adapter_name)
 
     # --- pass-through ----------------------------------------------------------------------
@@ -109,19 +118,27 @@ class PeftModel(nn.Module):
         """The first active adapter (PEFT's attribute)."""
         return self.routing.active_adapters[0] if self.routing.active_adapters else ""
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
-        """Inject a new, inactive adapter; on any error the model is left unchanged."""
+    def add_adapter(
+        self, adapter_name: str, peft_config: LoraConfig, *, init_weights: bool = True
+    ) -> None:
+        """Inject a new, inactive adapter; on any error the model is left unchanged.
+
+        `init_weights=False` skips initialisation, for callers that load weights right after.
+        """
         if adapter_name in self.peft_config:
             raise AdapterNameError(
                 f"Adapter {adapter_name!r} already exists; pick another name or "
                 f"delete_adapter({adapter_name!r}) first."
             )
-        if adapter_name == BASE_ADAPTER_NAME or not adapter_name:
-            raise AdapterNameError(f"{adapter_name!r} cannot name an adapter; it is reserved.")
+        if adapter_name == BASE_ADAPTER_NAME or not adapter_name or "." in adapter_name:
+            raise AdapterNameError(
+                f"{adapter_name!r} cannot name an adapter: names must be non-empty, without "
+                f"'.', and not {BASE_ADAPTER_NAME!r}."
+            )
         config = self._config_for(peft_config)
         model = self.get_base_model()
         plan = plan_injection(model, config)
-        apply_injection(model, plan, config, adapter_name, self.routing)
+        apply_injection(model, plan, config, adapter_name, self.routing, init_weights)
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
 
@@ -196,6 +213,65 @@ class PeftModel(nn.Module):
             majority_sign_method=majority_sign_method,
             svd_driver=svd_driver,
         )
+
+    # --- files -----------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        selected_adapters: Sequence[str] | None = None,
+        save_embedding_layers: bool | Literal["auto"] = "auto",
+        **_ignored: Any,
+    ) -> None:
+        """Write adapters in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`);
+        "default" at the top of the folder, other adapters in `<folder>/<name>/`. Atomic."""
+        save_adapters(self, save_directory, selected_adapters, save_embedding_layers)
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        subfolder: str | None = None,
+    ) -> None:
+        """Load a saved adapter under `adapter_name` (inactive; frozen unless `is_trainable`).
+
+        Only safetensors files are read unless `allow_pickle`. A file that does not fit the
+        model raises an error naming the first mismatches, and the model stays as it was.
+        """
+        load_adapter_into(self, model_id, adapter_name, is_trainable, allow_pickle, subfolder)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = DEFAULT_ADAPTER_NAME,
+        is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        allow_pickle: bool = False,
+        subfolder: str | None = None,
+        **_ignored: Any,
+    ) -> PeftModel:
+        """Wrap `model` with the adapter saved in `model_id` (a folder) and return it."""
+        folder = Path(model_id) if subfolder is None else Path(model_id) / subfolder
+        if config is None:
+            config = config_from_file(read_adapter_config(folder), is_trainable)
+        peft_model = cls(model, config, adapter_name, init_weights=False)
+        try:
+            load_adapter_into(
+                peft_model,
+                folder,
+                adapter_name,
+                is_trainable,
+                allow_pickle,
+                config=config,
+                inject=False,
+            )
+        except BaseException:
+            peft_model.unload()
+            raise
+        return peft_model
 
     # --- merging ---------------------------------------------------------------------------
     def merge_adapter(

@@ -31,6 +31,7 @@ def apply_injection(
     config: LoraConfig,
     adapter_name: str,
     routing: AdapterRouting,
+    initialise_weights: bool = True,
 ) -> None:
     """Wrap (or extend) every planned module with the adapter `adapter_name`."""
     for target in plan.targets:
@@ -48,6 +49,7 @@ def apply_injection(
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init_lora_weights=config.init_lora_weights,
+            initialise_weights=initialise_weights,
         )
     for key in plan.modules_to_save:
         module = model.get_submodule(key)

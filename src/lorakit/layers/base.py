@@ -84,8 +84,12 @@ class LoraLayer(nn.Module):
         lora_dropout: float,
         use_rslora: bool,
         init_lora_weights: object,
+        initialise_weights: bool = True,
     ) -> None:
-        """Create and initialise the tensors of a new adapter in this layer."""
+        """Create the tensors of a new adapter in this layer and initialise them.
+
+        `initialise_weights=False` leaves them as allocated, for a load that overwrites them.
+        """
         if adapter_name in self.r:
             raise AdapterNameError(f"Adapter {adapter_name!r} already exists in this layer.")
         dtype, device = self.adapter_dtype_and_device()
@@ -94,8 +98,9 @@ class LoraLayer(nn.Module):
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_scale(lora_alpha, r, use_rslora)
         self.lora_dropout_p[adapter_name] = float(lora_dropout)
-        A, B = self._adapter_pair(adapter_name)
-        initialise(self.init_table, A, B, r, init_lora_weights)
+        if initialise_weights:
+            A, B = self._adapter_pair(adapter_name)
+            initialise(self.init_table, A, B, r, init_lora_weights)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove every tensor and record of an adapter from this layer."""

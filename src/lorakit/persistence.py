@@ -1,0 +1,134 @@
+"""Saving and loading a `PeftModel`'s adapters in PEFT's format (the format lives in `io/`).
+
+Loading validates the file against the freshly injected adapter before any weight is
+written, and a failed load removes what it added, so the model is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterNameError
+from .io import (
+    adapter_state_dict,
+    embedding_prefixes_to_save,
+    load_adapter_files,
+    model_keys_for,
+    save_adapter_files,
+)
+
+if TYPE_CHECKING:
+    from .model import PeftModel
+
+MODEL_PREFIX = "base_model.model."
+PathLike = str | os.PathLike[str]
+
+
+def save_adapters(
+    model: PeftModel,
+    save_directory: PathLike,
+    selected_adapters: Sequence[str] | None = None,
+    save_embedding_layers: bool | Literal["auto"] = "auto",
+) -> None:
+    """Write each selected adapter: "default" at the top of the folder, others in subfolders."""
+    names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
+    model._check_exist(names)
+    state = model.state_dict()
+    embedding_paths = _embedding_paths(model)
+    for name in names:
+        config = model.peft_config[name]
+        prefixes = embedding_prefixes_to_save(
+            save_embedding_layers,
+            target_modules=config.target_modules,
+            embedding_paths=embedding_paths,
+            model_state_keys=state.keys(),
+            is_vocab_resized=_is_vocab_resized(model, config),
+        )
+        tensors = adapter_state_dict(state, name, bias=config.bias, embedding_prefixes=prefixes)
+        save_adapter_files(save_directory, name, tensors, config.to_dict())
+
+
+def load_adapter_into(
+    model: PeftModel,
+    model_id: PathLike,
+    adapter_name: str,
+    is_trainable: bool = False,
+    allow_pickle: bool = False,
+    subfolder: str | None = None,
+    config: LoraConfig | None = None,
+    inject: bool = True,
+) -> None:
+    """Read an adapter folder into `model` under `adapter_name` (injecting it unless told not)."""
+    if inject and adapter_name in model.peft_config:
+        raise AdapterNameError(
+            f"Adapter {adapter_name!r} is already loaded; choose another adapter_name."
+        )
+    tensors, config_dict = load_adapter_files(
+        model_id, subfolder=subfolder, allow_pickle=allow_pickle
+    )
+    if config is None:
+        config = config_from_file(config_dict, is_trainable)
+    if inject:
+        model.add_adapter(adapter_name, config, init_weights=False)
+    try:
+        state = model.state_dict()
+        mapped = model_keys_for(tensors, adapter_name, state, source=str(model_id))
+        with torch.no_grad():
+            for key, tensor in mapped.items():
+                state[key].copy_(tensor)
+    except BaseException:
+        if inject:
+            model.delete_adapter(adapter_name)
+        raise
+    model._refresh_trainable()
+
+
+def config_from_file(config_dict: dict[str, Any], is_trainable: bool) -> LoraConfig:
+    """The adapter's config as saved, in inference mode unless it is loaded for training."""
+    config = LoraConfig.from_dict(config_dict)
+    config.inference_mode = not is_trainable
+    return config
+
+
+def _embedding_paths(model: PeftModel) -> list[str]:
+    """State-dict paths of the base's input and output embedding modules."""
+    base = model.get_base_model()
+    wanted = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        method = getattr(base, getter, None)
+        module = method() if callable(method) else None
+        if isinstance(module, nn.Module):
+            wanted.append(module)
+    paths = []
+    for module in wanted:
+        for key, candidate in base.named_modules():
+            if candidate is module or getattr(candidate, "base_layer", None) is module:
+                paths.append(MODEL_PREFIX + key)
+                break
+    return paths
+
+
+def _is_vocab_resized(model: PeftModel, config: LoraConfig) -> bool:
+    """Whether the input embedding has another row count than the base's saved config says."""
+    source = config.base_model_name_or_path
+    if not source or not (Path(source) / "config.json").is_file():
+        return False
+    vocab_size = json.loads((Path(source) / "config.json").read_text()).get("vocab_size")
+    get_embeddings = getattr(model.get_base_model(), "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is None:
+        weight = getattr(getattr(embeddings, "base_layer", None), "weight", None)
+    return (
+        isinstance(weight, torch.Tensor)
+        and vocab_size is not None
+        and weight.shape[0] != vocab_size
+    )
