@@ -72,6 +72,7 @@ class PeftModel(nn.Module):
         self.routing = AdapterRouting()
         self.base_model = LoraModel(model, self.routing)
         self.peft_config: dict[str, LoraConfig] = {}
+        self._wrapper_cache: list[tuple[str, LoraLayer | ModulesToSaveWrapper]] | None = None
         model.requires_grad_(False)
         self.add_adapter(adapter_name, peft_config, init_weights=init_weights)
         self.set_adapter(adapter_name)
@@ -139,6 +140,7 @@ class PeftModel(nn.Module):
         model = self.get_base_model()
         plan = plan_injection(model, config)
         apply_injection(model, plan, config, adapter_name, self.routing, init_weights)
+        self._wrappers_changed()
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
 
@@ -146,8 +148,10 @@ class PeftModel(nn.Module):
         """Make these adapters the active ones (one assignment; trainability follows)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_exist(names)
+        changed = set(self.routing.active_adapters) ^ set(names)
         self.routing.active_adapters = tuple(names)
-        self._refresh_trainable()
+        if any(not self.peft_config[name].inference_mode for name in changed):
+            self._refresh_trainable(changed)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer; wrappers left with no adapter are unwrapped."""
@@ -159,6 +163,7 @@ class PeftModel(nn.Module):
             wrapper.delete_adapter(adapter_name)
             if not wrapper.adapter_names:
                 replace_module(model, key, wrapped_module(wrapper))
+        self._wrappers_changed()
         del self.peft_config[adapter_name]
         remaining = [name for name in self.routing.active_adapters if name != adapter_name]
         if not remaining and self.peft_config:
@@ -309,6 +314,7 @@ class PeftModel(nn.Module):
     ) -> nn.Module:
         """Merge the adapters and return the plain base model (no lorakit module left)."""
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        self._wrappers_changed()
         return unwrap_model(self.get_base_model(), keep_trained_heads=True)
 
     def unload(self) -> nn.Module:
@@ -316,6 +322,7 @@ class PeftModel(nn.Module):
         if any(layer.merged_adapters for _, layer in self._lora_layers()):
             logger.warning("unload() unmerges merged adapters first (exact to rounding).")
             self.unmerge_adapter()
+        self._wrappers_changed()
         return unwrap_model(self.get_base_model(), keep_trained_heads=False)
 
     # --- parameters ------------------------------------------------------------------------
@@ -367,16 +374,31 @@ class PeftModel(nn.Module):
                 )
 
     def _lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
-        for key, wrapper in iter_wrappers(self.get_base_model()):
+        for key, wrapper in self._wrappers():
             if isinstance(wrapper, LoraLayer):
                 yield key, wrapper
 
-    def _refresh_trainable(self) -> None:
-        """Active, non-inference adapters train; `bias` decides which biases train too."""
+    def _wrappers(self) -> list[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
+        """Every lorakit wrapper, cached until the set of wrappers changes."""
+        if self._wrapper_cache is None:
+            self._wrapper_cache = list(iter_wrappers(self.get_base_model()))
+        return self._wrapper_cache
+
+    def _wrappers_changed(self) -> None:
+        self._wrapper_cache = None
+
+    def _refresh_trainable(self, adapter_names: set[str] | None = None) -> None:
+        """Active, non-inference adapters train; `bias` decides which biases train too.
+
+        With `adapter_names`, only those adapters' tensors are updated (a switch touches only
+        the adapters it activates or deactivates).
+        """
         active = set(self.routing.active_adapters)
         model = self.get_base_model()
-        for _, wrapper in iter_wrappers(model):
+        for _, wrapper in self._wrappers():
             for name in wrapper.adapter_names:
+                if adapter_names is not None and name not in adapter_names:
+                    continue
                 config = self.peft_config.get(name)
                 is_trainable = name in active and config is not None and not config.inference_mode
                 wrapper.set_adapter_trainable(name, is_trainable)
