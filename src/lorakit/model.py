@@ -93,6 +93,7 @@ class PeftModel(nn.Module):
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Run the base model; `adapter_names` names one adapter per row ("__base__" = none)."""
+        self.routing.shared_dropout.clear()  # nothing from the last step stays alive
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
         with self._rows_routed(adapter_names, args, kwargs):

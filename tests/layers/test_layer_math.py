@@ -144,3 +144,50 @@ def test_gaussian_init_has_std_one_over_r() -> None:
     assert math.isclose(
         float(model.base_model.model.proj.lora_B["default"].weight.detach().abs().sum()), 0
     )
+
+
+class TwoReaders(nn.Module):
+    """Two projections of the same input, as q/k/v projections read one hidden state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = nn.Linear(7, 5)
+        self.right = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.left(x), self.right(x)], dim=-1)
+
+
+def test_layers_reading_one_input_share_one_mask_values_and_gradients() -> None:
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        lora_dropout=0.4,
+        target_modules=["left", "right"],
+        init_lora_weights=False,
+    )
+    model = get_peft_model(TwoReaders().double(), config).train()
+    x = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(42)
+    out = model(x)
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad(
+        (out * weights).sum(), [x, *[p for p in model.parameters() if p.requires_grad]]
+    )
+    torch.manual_seed(42)
+    mask = drop_mask((12, 7), 0.4, draw_seed(), x.device).view(3, 4, 7)  # one draw for both
+    x_dropped = x * ~mask / 0.6
+    parts = []
+    for name in ("left", "right"):
+        layer = model.base_model.model.get_submodule(name)
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        base = layer.base_layer
+        parts.append(x @ base.weight.t() + base.bias + 2.0 * (x_dropped @ A.t()) @ B.t())
+    expected = torch.cat(parts, dim=-1)
+    assert torch.allclose(out, expected, atol=EXACT, rtol=0)
+    want = torch.autograd.grad(
+        (expected * weights).sum(), [x, *[p for p in model.parameters() if p.requires_grad]]
+    )
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=EXACT, rtol=0)

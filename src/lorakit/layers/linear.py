@@ -49,7 +49,8 @@ class LoraLinear(LoraLayer):
         base = cast(nn.Linear, self.base_layer)
         A, B = self._adapter_pair(adapter_name)
         p = self.lora_dropout_p[adapter_name] if self.training else 0.0
-        return lora_linear(x, base.weight, base.bias, A, B, self.scaling[adapter_name], p)
+        shared = self.routing.shared_dropout
+        return lora_linear(x, base.weight, base.bias, A, B, self.scaling[adapter_name], p, shared)
 
     def _single_fusable_adapter(
         self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -78,7 +79,8 @@ class LoraLinear(LoraLayer):
     ) -> torch.Tensor:
         A, B = self._adapter_pair(adapter_name)
         p = self.lora_dropout_p[adapter_name] if self.training else 0.0
-        return add_lora_linear(result, x, A, B, self.scaling[adapter_name], p)
+        shared = self.routing.shared_dropout
+        return add_lora_linear(result, x, A, B, self.scaling[adapter_name], p, shared)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self._adapter_pair(adapter_name)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ops.dropout import SharedDropout
+
 
 @dataclass
 class RowGroup:
@@ -29,8 +31,10 @@ class AdapterRouting:
         is_disabled: No adapter acts; the base model alone runs.
         row_groups: Set for one forward whose rows use different adapters; overrides
             `active_adapters` while set.
+        shared_dropout: Dropout draws shared by layers that read the same input tensor.
     """
 
     active_adapters: tuple[str, ...] = ()
     is_disabled: bool = False
     row_groups: tuple[RowGroup, ...] | None = field(default=None)
+    shared_dropout: SharedDropout = field(default_factory=SharedDropout)

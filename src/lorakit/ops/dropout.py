@@ -1,11 +1,14 @@
-"""Dropout keep-masks that can be regenerated from a seed instead of being stored.
+"""Dropout on the LoRA branch's input: seeded masks, shared by layers that read one input.
 
-A LoRA layer needs the dropped input twice: in forward (for u = drop(x) A^T) and in backward
-(for dA = du^T drop(x)). Storing it costs a full copy of every adapted layer's input; storing
-a seed costs nothing, and regenerating the mask is cheap with a counter-free bit generator.
+peft draws a full-size mask per adapted layer and keeps the dropped copy of every layer's
+input for backward. lorakit draws one mask per distinct input tensor per forward (q, k and v
+projections read the same hidden states, so they share a mask), keeps only that bool mask
+for backward, and rebuilds the dropped input once per group in backward.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,3 +41,60 @@ def drop_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return torch.rand(shape, generator=generator, device=device) < p
+
+
+class DropoutDraw(NamedTuple):
+    """One dropout draw for an input x viewed as (N, in)."""
+
+    dropped: torch.Tensor  # bool (N, in): True where the input is zeroed
+    x_kept: torch.Tensor  # (N, in): x with dropped entries zeroed, not yet rescaled
+    seed: int
+
+
+def new_draw(x: torch.Tensor, p: float) -> DropoutDraw:
+    """Draw a fresh mask for x (..., in); the result carries no autograd history."""
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    seed = draw_seed()
+    dropped = drop_mask(tuple(x2.shape), p, seed, x2.device)
+    return DropoutDraw(dropped, x2.masked_fill(dropped, 0), seed)
+
+
+class SharedDropout:
+    """Per-model memo of the last draw (forward) and the last rebuilt input (backward).
+
+    A forward that feeds the very same tensor to several LoRA layers in a row gets one draw
+    for all of them; in backward the first layer of such a group to run rebuilds x ⊙ keep
+    from the saved mask and the others reuse it. Only the latest entry of each is held.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._source: torch.Tensor | None = None
+        self._source_version = -1
+        self._p = -1.0
+        self._draw: DropoutDraw | None = None
+        self._kept_seed: int | None = None
+        self._kept: torch.Tensor | None = None
+
+    def draw(self, x: torch.Tensor, p: float) -> DropoutDraw:
+        """The draw for x: reused if x is the tensor the previous draw was made for."""
+        if (
+            self._draw is not None
+            and self._source is x
+            and self._source_version == x._version
+            and self._p == p
+        ):
+            return self._draw
+        draw = new_draw(x, p)
+        self._source, self._source_version, self._p, self._draw = x, x._version, p, draw
+        return draw
+
+    def kept_input(self, x2: torch.Tensor, dropped: torch.Tensor, seed: int) -> torch.Tensor:
+        """x ⊙ keep for backward, rebuilt once per draw."""
+        if self._kept_seed == seed and self._kept is not None:
+            return self._kept
+        kept = x2.masked_fill(dropped, 0)
+        self._kept_seed, self._kept = seed, kept
+        return kept

@@ -1,6 +1,8 @@
 """The LoRA update: y = W x + s · B (A drop(x)), its scale and its dense delta s · B A.
 
-Shapes: x (..., in), A (r, in), B (out, r), u = drop(x) A^T (..., r), y (..., out).
+Shapes: x (..., in) viewed as (N, in); A (r, in), B (out, r); u = drop(x) A^T (N, r);
+y (..., out). Dropout is inverted: kept inputs are scaled by 1 / (1 - p), which is folded
+into the scalar c = s / (1 - p) applied to the (N, r) side, never to a full-size tensor.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .dropout import draw_seed, drop_mask
+from .dropout import DropoutDraw, SharedDropout, new_draw
 
 
 def lora_scale(lora_alpha: float, r: int, use_rslora: bool) -> float:
@@ -23,12 +25,23 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor
     return (B @ A) * scale
 
 
-class _LoraLinearUpdate(torch.autograd.Function):
-    """y = y_base + c · (x ⊙ m) A^T B^T with c = s / (1 - p), in one fused addmm.
+def _draw_for(x: torch.Tensor, p: float, shared: SharedDropout | None) -> DropoutDraw | None:
+    if p == 0:
+        return None
+    return new_draw(x, p) if shared is None else shared.draw(x, p)
 
-    Saves x (a reference the base usually keeps anyway), A, B, the small u = (x ⊙ m) A^T and
-    the dropout seed; the keep-mask m is regenerated once in backward instead of being stored.
-    The 1 / (1 - p) rescale is folded into c, so it touches (N, r) values, not (N, in).
+
+def _kept_input(
+    x2: torch.Tensor, dropped: torch.Tensor, seed: int, shared: SharedDropout | None
+) -> torch.Tensor:
+    return x2.masked_fill(dropped, 0) if shared is None else shared.kept_input(x2, dropped, seed)
+
+
+class _LoraUpdate(torch.autograd.Function):
+    """y = y_base + c · x_kept A^T B^T added to any base output, in one fused addmm.
+
+    Saves x (which the base usually keeps anyway), A, B, the small u and, with dropout, the
+    bool mask; the dropped input is rebuilt in backward rather than stored.
     """
 
     @staticmethod
@@ -40,45 +53,127 @@ class _LoraLinearUpdate(torch.autograd.Function):
         B: torch.Tensor,
         scale: float,
         p: float,
-        seed: int,
+        draw: DropoutDraw | None,
+        shared: SharedDropout | None,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        dropped = _apply_mask(x2, p, seed)
-        u = dropped @ A.t()  # (N, r)
+        u = (x2 if draw is None else draw.x_kept) @ A.t()  # (N, r)
         c = scale / (1.0 - p)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), u, B.t(), alpha=c)  # (N, out)
-        ctx.save_for_backward(x, A, B, u)
-        ctx.c, ctx.p, ctx.seed = c, p, seed
+        _save(ctx, x, A, B, u, draw, c, shared)
         return out.view(result.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, A, B, u = ctx.saved_tensors
-        c, p, seed = ctx.c, ctx.p, ctx.seed
-        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        _, need_x, need_A, need_B = ctx.needs_input_grad[:4]
-        grad_x = grad_A = grad_B = None
-        if need_B:
-            grad_B = (g.t() @ u).mul_(c)  # (out, r)
-        if need_x or need_A:
-            grad_u = (g @ B).mul_(c)  # (N, r)
-            x2 = x.reshape(-1, x.shape[-1])
-            dropped = drop_mask(tuple(x2.shape), p, seed, x2.device) if p > 0 else None
-            if need_A:
-                x_kept = x2 if dropped is None else x2.masked_fill(dropped, 0)
-                grad_A = grad_u.t() @ x_kept  # (r, in)
-            if need_x:
-                grad_x2 = grad_u @ A  # (N, in)
-                if dropped is not None:
-                    grad_x2.masked_fill_(dropped, 0)
-                grad_x = grad_x2.view(x.shape)
-        return grad, grad_x, grad_A, grad_B, None, None, None
+        need_x, need_A, need_B = ctx.needs_input_grad[1:4]
+        grad_x, grad_A, grad_B = _lora_grads(ctx, grad, need_x, need_A, need_B, W=None)
+        return grad, grad_x, grad_A, grad_B, None, None, None, None
 
 
-def _apply_mask(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    if p == 0:
-        return x2
-    return x2.masked_fill(drop_mask(tuple(x2.shape), p, seed, x2.device), 0)
+class _FusedLoraLinear(torch.autograd.Function):
+    """y = x W^T + b + c · x_kept A^T B^T for a dense linear base, as one autograd node.
+
+    Owning the base matmul lets the LoRA term be added into the base output in place and the
+    LoRA input-gradient be added into the base input-gradient in place, so the update costs
+    only its thin matmuls: no extra full-size tensors and no extra passes over them.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        W: torch.Tensor,
+        bias: torch.Tensor | None,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: float,
+        p: float,
+        draw: DropoutDraw | None,
+        shared: SharedDropout | None,
+    ) -> torch.Tensor:
+        out, u = _fused_forward(x, W, bias, A, B, scale / (1.0 - p), draw)
+        _save(ctx, x, A, B, u, draw, scale / (1.0 - p), shared, W)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        need_x, need_W, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        W = ctx.saved_tensors[-1]
+        grad_x, grad_A, grad_B = _lora_grads(ctx, grad, need_x, need_A, need_B, W=W)
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_W = grad_bias = None
+        if need_W:
+            x = ctx.saved_tensors[0]
+            grad_W = g.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
+        if need_bias and ctx.has_bias:
+            grad_bias = g.sum(0)
+        return grad_x, grad_W, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def _save(
+    ctx: Any,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    u: torch.Tensor,
+    draw: DropoutDraw | None,
+    c: float,
+    shared: SharedDropout | None,
+    W: torch.Tensor | None = None,
+) -> None:
+    dropped = draw.dropped if draw is not None else torch.empty(0, dtype=torch.bool)
+    extra = () if W is None else (W,)
+    ctx.save_for_backward(x, A, B, u, dropped, *extra)
+    ctx.c, ctx.shared = c, shared
+    ctx.seed = draw.seed if draw is not None else None
+
+
+def _lora_grads(
+    ctx: Any, grad: torch.Tensor, need_x: bool, need_A: bool, need_B: bool, W: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of the LoRA term; with W, the base's input-gradient g W is added in."""
+    x, A, B, u, dropped = ctx.saved_tensors[:5]
+    c, seed = ctx.c, ctx.seed
+    g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    grad_x = grad_A = grad_B = None
+    if need_B:
+        grad_B = (g.t() @ u).mul_(c)  # (out, r)
+    if need_x or need_A:
+        grad_u = (g @ B).mul_(c)  # (N, r)
+        if need_A:
+            kept = x2 if seed is None else _kept_input(x2, dropped, seed, ctx.shared)
+            grad_A = grad_u.t() @ kept  # (r, in)
+        if need_x:
+            lora_grad = grad_u @ A  # (N, in)
+            if seed is not None:
+                lora_grad.masked_fill_(dropped, 0)
+            if W is not None:
+                lora_grad.addmm_(g, W)  # + g W: the base's input-gradient, same pass
+            grad_x = lora_grad.view(x.shape)
+    return grad_x, grad_A, grad_B
+
+
+def _fused_forward(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    c: float,
+    draw: DropoutDraw | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x W^T + b + c u B^T, u) with u = x_kept A^T."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    u = (x2 if draw is None else draw.x_kept) @ A.t()  # (N, r)
+    out = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())  # (N, out)
+    out.addmm_(u, B.t(), alpha=c)
+    return out.view(*x.shape[:-1], out.shape[-1]), u
+
+
+def _needs_graph(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def add_lora_linear(
@@ -88,27 +183,48 @@ def add_lora_linear(
     B: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
+    shared: SharedDropout | None = None,
 ) -> torch.Tensor:
     """Return result + s · drop(x) A^T B^T; without autograd it is written into `result`.
 
     `result` is the base layer's output for `x`; dropout with probability `dropout_p` applies
-    to the LoRA branch's input only (pass 0 outside training).
+    to the LoRA branch's input only (pass 0 outside training). Layers passing the same
+    `shared` memo and the same input tensor share one mask.
     """
     if x.dtype != A.dtype or result.dtype != A.dtype:
         return _add_lora_linear_reference(result, x, A, B, scale, dropout_p)
-    seed = draw_seed() if dropout_p > 0 else 0
-    needs_graph = torch.is_grad_enabled() and (
-        result.requires_grad or x.requires_grad or A.requires_grad or B.requires_grad
-    )
-    if needs_graph:
-        out: torch.Tensor = _LoraLinearUpdate.apply(result, x, A, B, scale, dropout_p, seed)
+    draw = _draw_for(x, dropout_p, shared)
+    if _needs_graph(result, x, A, B):
+        out: torch.Tensor = _LoraUpdate.apply(result, x, A, B, scale, dropout_p, draw, shared)
         return out
-    u = _apply_mask(x.reshape(-1, x.shape[-1]), dropout_p, seed) @ A.t()  # (N, r)
+    x2 = x.reshape(-1, x.shape[-1])
+    u = (x2 if draw is None else draw.x_kept) @ A.t()  # (N, r)
     c = scale / (1.0 - dropout_p)
     if result.is_contiguous():  # no autograd here, so writing into the base output is safe
         result.view(-1, result.shape[-1]).addmm_(u, B.t(), alpha=c)
         return result
     return torch.addmm(result.reshape(-1, result.shape[-1]), u, B.t(), alpha=c).view(result.shape)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    shared: SharedDropout | None = None,
+) -> torch.Tensor:
+    """y = x W^T + b + s · drop(x) A^T B^T for a dense linear base (W: (out, in)).
+
+    All tensors must share one dtype; callers use `add_lora_linear` otherwise.
+    """
+    draw = _draw_for(x, dropout_p, shared)
+    if _needs_graph(x, W, bias, A, B):
+        out: torch.Tensor = _FusedLoraLinear.apply(x, W, bias, A, B, scale, dropout_p, draw, shared)
+        return out
+    return _fused_forward(x, W, bias, A, B, scale / (1.0 - dropout_p), draw)[0]
 
 
 def _add_lora_linear_reference(
@@ -146,99 +262,3 @@ def conv_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.T
     """
     B2 = B.reshape(B.shape[0], B.shape[1])  # (out, r)
     return torch.einsum("oj,j...->o...", B2, A) * scale
-
-
-class _FusedLoraLinear(torch.autograd.Function):
-    """y = x W^T + b + c · (x ⊙ m) A^T B^T, for a dense linear base, as one autograd node.
-
-    Owning the base matmul lets the LoRA term be added into the base output in place and the
-    LoRA input-gradient be added into the base input-gradient in place, so the update costs
-    only its thin matmuls: no extra full-size tensors and no extra passes over them.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        W: torch.Tensor,
-        bias: torch.Tensor | None,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        scale: float,
-        p: float,
-        seed: int,
-    ) -> torch.Tensor:
-        out, u = _fused_forward(x, W, bias, A, B, scale, p, seed)
-        ctx.save_for_backward(x, W, A, B, u)
-        ctx.c, ctx.p, ctx.seed, ctx.has_bias = scale / (1.0 - p), p, seed, bias is not None
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, W, A, B, u = ctx.saved_tensors
-        c, p, seed = ctx.c, ctx.p, ctx.seed
-        need_x, need_W, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
-        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_x = grad_W = grad_bias = grad_A = grad_B = None
-        if need_B:
-            grad_B = (g.t() @ u).mul_(c)  # (out, r)
-        if need_W:
-            grad_W = g.t() @ x2  # (out, in)
-        if need_bias and ctx.has_bias:
-            grad_bias = g.sum(0)
-        if need_x or need_A:
-            grad_u = (g @ B).mul_(c)  # (N, r)
-            dropped = drop_mask(tuple(x2.shape), p, seed, x2.device) if p > 0 else None
-            if need_A:
-                x_kept = x2 if dropped is None else x2.masked_fill(dropped, 0)
-                grad_A = grad_u.t() @ x_kept  # (r, in)
-            if need_x:
-                lora_grad = grad_u @ A  # (N, in)
-                if dropped is None:
-                    grad_x2 = torch.addmm(lora_grad, g, W)  # g W + grad_u A in one pass
-                else:
-                    grad_x2 = torch.addmm(lora_grad.masked_fill_(dropped, 0), g, W)
-                grad_x = grad_x2.view(x.shape)
-        return grad_x, grad_W, grad_bias, grad_A, grad_B, None, None, None
-
-
-def lora_linear(
-    x: torch.Tensor,
-    W: torch.Tensor,
-    bias: torch.Tensor | None,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    scale: float,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """y = x W^T + b + s · drop(x) A^T B^T for a dense linear base (W: (out, in)).
-
-    All tensors must share one dtype; callers use `add_lora_linear` otherwise.
-    """
-    seed = draw_seed() if dropout_p > 0 else 0
-    needs_graph = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, W, bias, A, B)
-    )
-    if needs_graph:
-        out: torch.Tensor = _FusedLoraLinear.apply(x, W, bias, A, B, scale, dropout_p, seed)
-        return out
-    return _fused_forward(x, W, bias, A, B, scale, dropout_p, seed)[0]
-
-
-def _fused_forward(
-    x: torch.Tensor,
-    W: torch.Tensor,
-    bias: torch.Tensor | None,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    scale: float,
-    p: float,
-    seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (x W^T + b + c u B^T, u) with u = (x ⊙ m) A^T and c = s / (1 - p)."""
-    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    u = _apply_mask(x2, p, seed) @ A.t()  # (N, r)
-    out = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())  # (N, out)
-    out.addmm_(u, B.t(), alpha=scale / (1.0 - p))
-    return out.view(*x.shape[:-1], out.shape[-1]), u
