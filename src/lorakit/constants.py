@@ -37,7 +37,7 @@ DEFAULT_TARGET_MODULES: Final[dict[str, tuple[str, ...]]] = {
     "t5": ("q", "v"),
     "mt5": ("q", "v"),
     "bart": ("q_proj", "v_proj"),
-    "vit": ("query", "value"),
+    "vit": ("query", "value", "q_proj", "v_proj"),  # transformers 4 and 5 names
     "whisper": ("q_proj", "v_proj"),
 }
 

@@ -408,7 +408,7 @@ class PeftModel(nn.Module):
             if config.inference_mode or config.bias == "none":
                 continue
             for key, parameter in model.named_parameters():
-                if not key.endswith("bias"):
+                if not key.endswith("bias") or ".original_module." in f".{key}":
                     continue
                 if config.bias == "all" or ".base_layer." in f".{key}":
                     parameter.requires_grad_(True)

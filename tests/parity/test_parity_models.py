@@ -41,7 +41,6 @@ class Case:
     make_base: Callable[[], nn.Module]
     config: dict[str, Any]
     inputs: Callable[[], dict[str, torch.Tensor]]
-    xfail_all_linear_forward: str | None = None
     all_linear_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,12 +57,6 @@ def _pixels() -> dict[str, torch.Tensor]:
     return {"pixel_values": image_batch()}
 
 
-T5_WEIGHT_BUG = (
-    "LoraLayer has no `weight` attribute: transformers' T5DenseActDense.forward reads "
-    "`self.wo.weight` (dtype check), so a wrapped `wo` raises AttributeError; peft's wrappers "
-    "expose base_layer.weight/bias"
-)
-
 CASES: dict[str, Case] = {
     "llama": Case(
         tiny_llama, {"task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"]}, _tokens
@@ -76,7 +69,6 @@ CASES: dict[str, Case] = {
         tiny_t5,
         {"task_type": "SEQ_2_SEQ_LM", "target_modules": ["q", "k", "v", "o"]},
         _seq2seq_tokens,
-        xfail_all_linear_forward=T5_WEIGHT_BUG,
     ),
     # transformers 5 names ViT's attention projections q_proj/k_proj/v_proj.
     "vit": Case(
@@ -126,8 +118,6 @@ def test_structure_matches_peft(name: str, all_linear: bool) -> None:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_forward_matches_peft(name: str, all_linear: bool, request: pytest.FixtureRequest) -> None:
     case = CASES[name]
-    if all_linear and case.xfail_all_linear_forward:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=case.xfail_all_linear_forward))
     pair = build_pair(case.make_base, **_config(case, all_linear))
     _check_forward(pair, case.inputs())
 

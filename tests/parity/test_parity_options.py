@@ -116,12 +116,6 @@ def test_default_target_table_agrees_with_peft_where_both_have_one() -> None:
         assert sorted(ours) == sorted(theirs), model_type
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFAULT_TARGET_MODULES['vit'] is ('query', 'value'), but transformers 5 ViT names its "
-    "attention projections q_proj/k_proj/v_proj, so LoraConfig() on a ViT raises "
-    "TargetModuleError 'The config matches no module'",
-)
 def test_vit_default_targets_the_attention_query_and_value() -> None:
     base = tiny_vit()
     lorakit_model = lorakit.get_peft_model(base, lorakit.LoraConfig())
@@ -151,13 +145,6 @@ def test_exclude_modules_match_peft(target_modules: Any, exclude_modules: Any) -
 
 
 # --- layers_to_transform / layers_pattern -----------------------------------------------------
-FIRST_INDEX_BUG = (
-    "layer_index() without layers_pattern takes the LAST numbered path segment (greedy "
-    r"'(?:^|.*\.)[^.]+\.(\d+)\.'), peft the FIRST: for T5 "
-    "'encoder.block.0.layer.1.EncDecAttention.q' lorakit reads 1 (the sub-layer), peft 0 "
-    "(the block), so layers_to_transform=[1] adapts EncDecAttention of block 0 instead of "
-    "block 1"
-)
 
 
 @pytest.mark.parametrize(
@@ -170,13 +157,7 @@ FIRST_INDEX_BUG = (
         (tiny_gpt2, ["c_attn", "c_fc"], [1], "h"),
         (tiny_bert_classifier, ["query", "dense"], [0], "layer"),
         (tiny_t5, ["q", "v"], [1], "block"),
-        pytest.param(
-            tiny_t5,
-            ["q", "v"],
-            [1],
-            None,
-            marks=pytest.mark.xfail(strict=True, reason=FIRST_INDEX_BUG),
-        ),
+        pytest.param(tiny_t5, ["q", "v"], [1], None),
     ],
     ids=[
         "llama-int",
@@ -237,11 +218,6 @@ def test_scaling_option_matches_peft(use_rslora: bool) -> None:
 
 
 # --- bias -------------------------------------------------------------------------------------
-BIAS_ALL_BUG = (
-    "bias='all' makes the frozen original head's bias trainable "
-    "(classifier.original_module.bias); peft leaves parameters under a ModulesToSaveWrapper "
-    "alone, so lorakit trains 3 parameters more (PeftModel._refresh_trainable bias loop)"
-)
 
 
 @pytest.mark.parametrize(
@@ -251,12 +227,7 @@ BIAS_ALL_BUG = (
         (tiny_gpt2, {"target_modules": ["c_attn"]}, "all"),
         (tiny_gpt2, {"target_modules": ["c_attn"]}, "lora_only"),
         (tiny_bert_classifier, {"task_type": "SEQ_CLS"}, "none"),
-        pytest.param(
-            tiny_bert_classifier,
-            {"task_type": "SEQ_CLS"},
-            "all",
-            marks=pytest.mark.xfail(strict=True, reason=BIAS_ALL_BUG),
-        ),
+        pytest.param(tiny_bert_classifier, {"task_type": "SEQ_CLS"}, "all"),
         (tiny_bert_classifier, {"task_type": "SEQ_CLS"}, "lora_only"),
         (tiny_t5, {"target_modules": ["q", "wo"]}, "all"),
     ],
@@ -278,13 +249,6 @@ def test_bias_modes_match_peft(
 
 
 # --- modules_to_save --------------------------------------------------------------------------
-NESTED_TARGET_BUG = (
-    "a target inside a modules_to_save module is adapted: with modules_to_save=['pooler'] "
-    "lorakit wraps bert.pooler.dense with LoRA and then deep-copies it into the "
-    "ModulesToSaveWrapper (adapted paths pooler.original_module.dense and "
-    "pooler.modules_to_save.default.dense); peft skips every target under a modules_to_save "
-    "path (plan_injection only skips `key in modules_to_save`, not its children)"
-)
 
 
 @pytest.mark.parametrize(
@@ -295,9 +259,7 @@ NESTED_TARGET_BUG = (
         (tiny_cnn, {"target_modules": ["0", "2"], "modules_to_save": ["4"]}),
         (tiny_vit, {"target_modules": "all-linear", "modules_to_save": ["classifier"]}),
         pytest.param(
-            tiny_bert_classifier,
-            {"target_modules": "all-linear", "modules_to_save": ["pooler"]},
-            marks=pytest.mark.xfail(strict=True, reason=NESTED_TARGET_BUG),
+            tiny_bert_classifier, {"target_modules": "all-linear", "modules_to_save": ["pooler"]}
         ),
     ],
     ids=["llama-lm_head", "bert-classifier", "cnn-head", "vit-all-linear", "bert-nested"],
@@ -361,22 +323,12 @@ def _factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return factors
 
 
-EMBEDDING_GAUSSIAN_INIT = (
-    "init_lora_weights='gaussian' on an Embedding: peft ignores 'gaussian' there and starts as "
-    "for True (lora_embedding_A = 0, lora_embedding_B ~ N(0, 1)); lorakit draws "
-    "lora_embedding_A ~ N(0, 1/r) and sets lora_embedding_B = 0 (EMBEDDING_INITS['gaussian'] in "
-    "layers/init.py)"
-)
-
-
 @pytest.mark.parametrize(
     "init",
     [
         True,
         False,
-        pytest.param(
-            "gaussian", marks=pytest.mark.xfail(strict=True, reason=EMBEDDING_GAUSSIAN_INIT)
-        ),
+        pytest.param("gaussian"),
     ],
 )
 def test_embedding_init_draws_like_peft(init: Any) -> None:

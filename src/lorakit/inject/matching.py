@@ -54,11 +54,11 @@ def name_matches(key: str, names: list[str] | str) -> bool:
 def layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
     """Index of the numbered layer a module sits in (e.g. 3 in `model.layers.3.mlp.up_proj`)."""
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-    if not patterns:
-        found = re.match(r"(?:^|.*\.)[^.]+\.(\d+)\.", key)
+    if not patterns:  # the first numbered part of the path
+        found = re.search(r"(?:^|\.)[^.]+\.(\d+)\.", key)
         return int(found.group(1)) if found else None
     for pattern in patterns:
-        found = re.match(rf"(?:^|.*\.){re.escape(pattern)}\.(\d+)\.", key)
+        found = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)\.", key)
         if found:
             return int(found.group(1))
     return None
@@ -83,7 +83,7 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
     modules_to_save = tuple(key for key in modules if save_names and name_matches(key, save_names))
     targets = []
     for key, module in modules.items():
-        if not name_matches(key, target_spec) or key in modules_to_save:
+        if not name_matches(key, target_spec) or _is_within(key, modules_to_save):
             continue
         if config.exclude_modules is not None and name_matches(key, config.exclude_modules):
             continue
@@ -107,6 +107,10 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
             f"{list(modules)[:6]}."
         )
     return InjectionPlan(tuple(targets), modules_to_save)
+
+
+def _is_within(key: str, parents: tuple[str, ...]) -> bool:
+    return any(key == parent or key.startswith(parent + ".") for parent in parents)
 
 
 def resolve_target_modules(

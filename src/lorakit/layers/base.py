@@ -63,6 +63,16 @@ class LoraLayer(nn.Module):
         """ΔW of an adapter in the layout of the base layer's weight."""
         raise NotImplementedError
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (model code such as T5's reads `layer.weight` directly)."""
+        return module_weight(self.base_layer)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias = getattr(self.base_layer, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
     # --- adapters ------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The dense weight merging writes into."""

@@ -51,7 +51,7 @@ LINEAR_INITS: dict[object, InitFunction] = {
 
 EMBEDDING_INITS: dict[object, InitFunction] = {
     True: _zero_a_normal_b,
-    "gaussian": _gaussian_a_zero_b,
+    "gaussian": _zero_a_normal_b,  # as peft: an embedding's A is a table, B starts random
     False: _normal_a_normal_b,
 }
 

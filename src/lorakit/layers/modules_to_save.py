@@ -24,7 +24,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.routing = routing
 
     def add_adapter(self, adapter_name: str) -> None:
-        replica = copy.deepcopy(self.original_module)
+        # The copy must read the model's one routing object, not a copy of it.
+        replica = copy.deepcopy(self.original_module, memo={id(self.routing): self.routing})
         replica.requires_grad_(True)
         self.modules_to_save[adapter_name] = replica
 
