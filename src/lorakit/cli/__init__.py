@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Sequence
 
 from .. import __version__
+from .inspect_model import add_inspect_parser, run_inspect
+from .merge import add_merge_parser, run_merge
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=int, default=20, help="AdamW steps (default 20).")
     demo.add_argument("--seed", type=int, default=0)
+    add_merge_parser(commands)
+    add_inspect_parser(commands)
     return parser
 
 
@@ -26,4 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(steps=args.steps, seed=args.seed)
+    if args.command == "merge":
+        return run_merge(args)
+    if args.command == "inspect":
+        return run_inspect(args)
     raise AssertionError(f"unhandled command {args.command!r}")

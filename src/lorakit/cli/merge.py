@@ -1,0 +1,67 @@
+"""`lorakit merge`: bake an adapter into its base and write a plain transformers model."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..io import read_adapter_config
+
+# task_type -> transformers auto class that builds the matching head
+AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+def add_merge_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "merge", help="Merge an adapter into its base and save a standalone model."
+    )
+    parser.add_argument("--base", required=True, help="Folder of the base transformers model.")
+    parser.add_argument("--adapter", required=True, help="Adapter folder (adapter_config.json).")
+    parser.add_argument("--out", required=True, help="Folder to write the merged model to.")
+    parser.add_argument(
+        "--safe-merge", action="store_true", help="Refuse to write NaN/inf merged weights."
+    )
+
+
+def load_base(base: str, task_type: str | None) -> torch.nn.Module:
+    """Build the base with the head its adapter was trained with."""
+    import transformers
+
+    auto_class = getattr(transformers, AUTO_CLASSES.get(task_type or "", "AutoModel"))
+    model: torch.nn.Module = auto_class.from_pretrained(base)
+    return model
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from ..model import PeftModel
+
+    task_type = read_adapter_config(args.adapter).get("task_type")
+    base = load_base(args.base, task_type)
+    model = PeftModel.from_pretrained(base, args.adapter)
+    merged = model.merge_and_unload(safe_merge=args.safe_merge)
+    out = Path(args.out)
+    merged.save_pretrained(out)  # type: ignore[operator]
+    for name in TOKENIZER_FILES:
+        source = Path(args.base) / name
+        if source.is_file():
+            shutil.copy2(source, out / name)
+    print(f"merged {args.adapter} into {args.base} -> {out}")
+    return 0
