@@ -9,6 +9,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -179,3 +180,38 @@ def test_auto_class_loads_base_and_adapter(tmp_path: Path) -> None:
     ids = token_batch()
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
     assert any(isinstance(m, LoraLayer) for m in loaded.modules())
+
+
+def test_resized_vocabulary_saves_embeddings_and_reloads(tmp_path: Path) -> None:
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    base.resize_token_embeddings(130)
+    with torch.no_grad():  # the new token rows were trained, as after adding special tokens
+        base.get_input_embeddings().weight[128:].normal_()
+    torch.manual_seed(2)
+    config = LoraConfig(
+        target_modules=["q_proj"],
+        init_lora_weights=False,
+        base_model_name_or_path=str(tmp_path / "base"),
+    )
+    model = get_peft_model(base, config)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved["base_model.model.model.embed_tokens.weight"].shape == (130, 32)
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    fresh.resize_token_embeddings(130)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    ids = torch.tensor([[1, 129, 128, 5]])
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+def test_generate_passes_through_with_per_row_adapters() -> None:
+    model = _trained_llama()
+    prompt = token_batch(batch=2, length=4)
+    options = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    adapted = model.generate(input_ids=prompt, **options)
+    with model.disable_adapter():
+        plain = model.generate(input_ids=prompt, **options)
+    mixed = model.generate(input_ids=prompt, adapter_names=["default", "__base__"], **options)
+    assert not torch.equal(adapted, plain)  # the adapter changes what is generated
+    assert torch.equal(mixed[0], adapted[0]) and torch.equal(mixed[1], plain[1])
