@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -33,7 +34,7 @@ WEIGHT_STD = 0.05
 def step_bound(quant_type: nf4.QuantType) -> float:
     """Half the largest gap between adjacent code values: the worst rounding of a w / absmax."""
     code = sorted(nf4.code_book(quant_type).double().tolist())
-    return max(b - a for a, b in zip(code, code[1:], strict=False)) / 2
+    return max(b - a for a, b in itertools.pairwise(code)) / 2
 
 
 def blockwise(values: torch.Tensor, blocksize: int) -> torch.Tensor:
