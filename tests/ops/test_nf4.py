@@ -257,16 +257,26 @@ def test_linear_4bit_equals_dense_matmul(double_quant: bool, tokens: int) -> Non
     torch.testing.assert_close(result.double(), expected, rtol=0, atol=FP32_MATMUL_TOLERANCE)
 
 
-def test_chunked_path_equals_the_one_shot_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [3, 70])
+def test_tiled_path_equals_the_one_shot_path(
+    monkeypatch: pytest.MonkeyPatch, tokens: int, dtype: torch.dtype
+) -> None:
     generator = torch.Generator().manual_seed(8)
     q = nf4.quantize_4bit(torch.randn(37, 128, generator=generator) * WEIGHT_STD, "fp4", 32, True)
-    x = torch.randn(3, 128, generator=generator)
+    x = torch.randn(tokens, 128, generator=generator).to(dtype)
     one_shot = nf4.linear_4bit(x, q)
-    monkeypatch.setattr(nf4, "CPU_CHUNK_ELEMENTS", 5 * 128)  # 8 chunks, the last of 2 rows
-    chunked = nf4.linear_4bit(x, q)
-    torch.testing.assert_close(chunked, one_shot, rtol=0, atol=1e-6)
-    expected = x.double() @ nf4.dequantize_4bit(q).double().T
-    torch.testing.assert_close(chunked.double(), expected, rtol=0, atol=FP32_MATMUL_TOLERANCE)
+    # Pieces of 5 decoded rows (the last of 2); with many tokens, matmuls over 15 rows.
+    monkeypatch.setattr(nf4, "DECODE_ELEMENTS", 5 * 128)
+    monkeypatch.setattr(nf4, "MATMUL_ELEMENTS_PER_TOKEN", 128)
+    monkeypatch.setattr(nf4, "MATMUL_ELEMENTS_MAX", 15 * 128)
+    assert nf4._tiling(q, tokens, x.device) == ((15, 5) if tokens == 70 else (5, 5))
+    tiled = nf4.linear_4bit(x, q)
+    # Same weights, same sums; only the BLAS kernel may differ with the matrix widths.
+    torch.testing.assert_close(tiled, one_shot, rtol=1e-6, atol=1e-6)
+    expected = x.double() @ nf4.dequantize_4bit(q, dtype).double().T
+    tolerance = FP32_MATMUL_TOLERANCE if dtype == torch.float32 else 2.0**-7
+    torch.testing.assert_close(tiled.double(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_unaligned_rows_fall_back_to_the_dense_weight() -> None:
@@ -294,7 +304,7 @@ def test_linear_4bit_in_half_precision(dtype: torch.dtype) -> None:
 
 
 def test_backward_gives_the_dense_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nf4, "CPU_CHUNK_ELEMENTS", 8 * 128)  # several row chunks
+    monkeypatch.setattr(nf4, "DECODE_ELEMENTS", 8 * 128)  # several row chunks
     generator = torch.Generator().manual_seed(13)
     q = nf4.quantize_4bit(torch.randn(40, 128, generator=generator) * WEIGHT_STD, "nf4", 64, True)
     x = torch.randn(6, 128, generator=generator, requires_grad=True)
