@@ -267,6 +267,7 @@ def test_tiled_path_equals_the_one_shot_path(
     x = torch.randn(tokens, 128, generator=generator).to(dtype)
     one_shot = nf4.linear_4bit(x, q)
     # Pieces of 5 decoded rows (the last of 2); with many tokens, matmuls over 15 rows.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # decode pieces scale with threads
     monkeypatch.setattr(nf4, "DECODE_ELEMENTS", 5 * 128)
     monkeypatch.setattr(nf4, "MATMUL_ELEMENTS_PER_TOKEN", 128)
     monkeypatch.setattr(nf4, "MATMUL_ELEMENTS_MAX", 15 * 128)
@@ -304,7 +305,8 @@ def test_linear_4bit_in_half_precision(dtype: torch.dtype) -> None:
 
 
 def test_backward_gives_the_dense_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nf4, "DECODE_ELEMENTS", 8 * 128)  # several row chunks
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(nf4, "DECODE_ELEMENTS", 8 * 128)  # pieces of 8 weight rows
     generator = torch.Generator().manual_seed(13)
     q = nf4.quantize_4bit(torch.randn(40, 128, generator=generator) * WEIGHT_STD, "nf4", 64, True)
     x = torch.randn(6, 128, generator=generator, requires_grad=True)

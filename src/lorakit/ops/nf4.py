@@ -61,12 +61,14 @@ FP4_MAX = 12.0
 LUT_8BIT_SIZE = 65536
 # Elements quantized per step, to bound temporary memory on large weights.
 QUANTIZE_CHUNK = 1 << 20
-# CPU matmul tiling (measured on a 2-core Xeon, Linear(4096, 4096)): weight rows are decoded
-# DECODE_ELEMENTS values at a time so that the int32 indices and the gathered values stay in L2,
-# and handed to the matmul in pieces of MATMUL_ELEMENTS_PER_TOKEN values per input row (at
-# least one decoded piece, at most MATMUL_ELEMENTS_MAX): one input row gains nothing from wide
-# matmuls, a thousand rows run ~10% slower on pieces of 256 weight rows than on 1024.
-DECODE_ELEMENTS = 1 << 18
+# CPU matmul tiling (measured on a 2-core Xeon, Linear(4096, 4096)). Weight rows are decoded
+# DECODE_ELEMENTS values per thread at a time: smaller pieces stay in L2 (256K values decode
+# ~20% faster at 1 token), but every piece costs a few parallel regions, and on a machine
+# whose cores are shared each region can wait milliseconds for a descheduled thread, so
+# pieces are kept large. Decoded rows go to the matmul in pieces of MATMUL_ELEMENTS_PER_TOKEN
+# values per input row (at least one decoded piece, at most MATMUL_ELEMENTS_MAX): one input
+# row gains nothing from wide matmuls, a thousand run ~10% slower on 256 weight rows than 1024.
+DECODE_ELEMENTS = 1 << 20
 MATMUL_ELEMENTS_PER_TOKEN = 1 << 13
 MATMUL_ELEMENTS_MAX = 1 << 22
 
@@ -377,7 +379,8 @@ def _tiling(q: Quantized4bit, tokens: int, device: torch.device) -> tuple[int, i
     out_features, in_features = q.shape
     if device.type != "cpu":
         return out_features, out_features
-    decode_rows = max(1, min(out_features, DECODE_ELEMENTS // in_features))
+    decode_elements = DECODE_ELEMENTS * torch.get_num_threads()
+    decode_rows = max(1, min(out_features, decode_elements // in_features))
     matmul_elements = min(MATMUL_ELEMENTS_MAX, tokens * MATMUL_ELEMENTS_PER_TOKEN)
     pieces = max(1, matmul_elements // (decode_rows * in_features))
     return min(out_features, pieces * decode_rows), decode_rows
@@ -388,44 +391,55 @@ def _is_row_aligned(q: Quantized4bit) -> bool:
     return len(q.shape) == 2 and q.shape[1] % q.blocksize == 0
 
 
-def _chunked_matmul(a: Tensor, q: Quantized4bit, transpose_weight: bool) -> Tensor:
-    """a @ W.T (transpose_weight) or a @ W, dequantizing W a few rows at a time.
-
-    a is (M, in) for a @ W.T -> (M, out), or (M, out) for a @ W -> (M, in). The dequantized
-    rows live in reused scratch buffers, so no full-precision copy of W is ever made.
-    """
+def _row_pieces(q: Quantized4bit, a: Tensor) -> tuple[int, _RowDecoder, list[Tensor], list[Tensor]]:
+    """Rows per matmul, a decoder, and the packed codes and scales cut into those rows."""
     out_features, in_features = q.shape
     blocks_per_row = in_features // q.blocksize
     rows, decode_rows = _tiling(q, a.shape[0], a.device)
     table = _byte_table(q.quant_type, a.device)
     decoder = _RowDecoder(rows, decode_rows, in_features // 2, blocks_per_row, table, a.dtype)
-    packed_chunks = q.packed.view(out_features, in_features // 2).split(rows)
-    scale_chunks = block_scales(q).view(out_features, blocks_per_row, 1).split(rows)
-    width = out_features if transpose_weight else in_features
-    result = torch.empty(a.shape[0], width, dtype=a.dtype, device=a.device)
-    if transpose_weight:  # (M, in) @ (in, rows) -> columns of the result
-        for out, packed, scales in zip(
-            result.split(rows, dim=1), packed_chunks, scale_chunks, strict=True
-        ):
-            torch.mm(a, decoder.decode(packed, scales).t(), out=out)
-        return result
-    # (M, rows) @ (rows, in), summed over the row chunks
-    for index, (part, packed, scales) in enumerate(
-        zip(a.split(rows, dim=1), packed_chunks, scale_chunks, strict=True)
+    packed = q.packed.view(out_features, in_features // 2).split(rows)
+    scales = block_scales(q).view(out_features, blocks_per_row, 1).split(rows)
+    return rows, decoder, list(packed), list(scales)
+
+
+def _linear_forward(x: Tensor, q: Quantized4bit, bias: Tensor | None) -> Tensor:
+    """x (M, in) @ W.T + bias -> (M, out), W dequantized a piece of rows at a time.
+
+    The dequantized rows live in reused buffers: no full-precision copy of W is ever made.
+    """
+    if not _is_row_aligned(q):
+        return F.linear(x, dequantize_4bit(q, x.dtype), bias)
+    rows, decoder, packed, scales = _row_pieces(q, x)
+    result = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype, device=x.device)
+    outs = result.split(rows, dim=1)
+    biases = [None] * len(outs) if bias is None else bias.split(rows)
+    for out, piece_bias, piece_packed, piece_scales in zip(
+        outs, biases, packed, scales, strict=True
     ):
-        weight = decoder.decode(packed, scales)
+        weight = decoder.decode(piece_packed, piece_scales)  # (rows, in)
+        if piece_bias is None:
+            torch.mm(x, weight.t(), out=out)
+        else:
+            torch.addmm(piece_bias, x, weight.t(), out=out)
+    return result
+
+
+def _linear_backward(grad: Tensor, q: Quantized4bit) -> Tensor:
+    """grad (M, out) @ W -> (M, in), summed over pieces of W's rows."""
+    if not _is_row_aligned(q):
+        return grad @ dequantize_4bit(q, grad.dtype)
+    rows, decoder, packed, scales = _row_pieces(q, grad)
+    result = torch.empty(grad.shape[0], q.shape[1], dtype=grad.dtype, device=grad.device)
+    for index, (part, piece_packed, piece_scales) in enumerate(
+        zip(grad.split(rows, dim=1), packed, scales, strict=True)
+    ):
+        weight = decoder.decode(piece_packed, piece_scales)  # (rows, in)
         if index == 0:
             torch.mm(part, weight, out=result)
         else:
             result.addmm_(part, weight)
     return result
-
-
-def _matmul(a: Tensor, q: Quantized4bit, transpose_weight: bool) -> Tensor:
-    if _is_row_aligned(q):
-        return _chunked_matmul(a, q, transpose_weight)
-    weight = dequantize_4bit(q, a.dtype)
-    return a @ weight.t() if transpose_weight else a @ weight
 
 
 class _Linear4bitFunction(torch.autograd.Function):
@@ -435,14 +449,13 @@ class _Linear4bitFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, bias: Tensor | None, q: Quantized4bit) -> Tensor:
         ctx.q = q
         ctx.has_bias = bias is not None
-        result = _matmul(x, q, transpose_weight=True)
-        return result if bias is None else result.add_(bias)
+        return _linear_forward(x, q, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _matmul(grad_output, ctx.q, transpose_weight=False)
+            grad_x = _linear_backward(grad_output.contiguous(), ctx.q)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_output.sum(dim=0)
         return grad_x, grad_bias, None
@@ -471,7 +484,5 @@ def linear_4bit(x: Tensor, q: Quantized4bit, bias: Tensor | None = None) -> Tens
     elif torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         result = _Linear4bitFunction.apply(x2d, bias, q)
     else:
-        result = _matmul(x2d, q, transpose_weight=True)
-        if bias is not None:
-            result.add_(bias)
+        result = _linear_forward(x2d, q, bias)
     return result.view(*x.shape[:-1], q.shape[0])
