@@ -112,9 +112,13 @@ def check_quant_options(quant_type: str, blocksize: int) -> None:
         raise ValueError(f"blocksize={blocksize!r} is not supported; use one of {BLOCKSIZES}.")
 
 
-@lru_cache(maxsize=16)
 def code_book(quant_type: QuantType, device: torch.device | str = "cpu") -> Tensor:
-    """The 16 fp32 code values of `quant_type`, indexed by the 4-bit code."""
+    """The 16 fp32 code values of `quant_type`, indexed by the 4-bit code (a fresh tensor)."""
+    return _code_book(quant_type, device).clone()
+
+
+@lru_cache(maxsize=16)
+def _code_book(quant_type: QuantType, device: torch.device | str) -> Tensor:
     check_quant_options(quant_type, BLOCKSIZES[0])
     if quant_type == "nf4":
         return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
@@ -124,7 +128,7 @@ def code_book(quant_type: QuantType, device: torch.device | str = "cpu") -> Tens
 @lru_cache(maxsize=16)
 def _rounding_bounds(quant_type: QuantType, device: torch.device | str) -> tuple[Tensor, Tensor]:
     """Midpoints between sorted code values, and the code of each sorted position."""
-    code = code_book(quant_type, device)
+    code = _code_book(quant_type, device)
     order = torch.argsort(code, stable=True)
     return (code[order[:-1]] + code[order[1:]]) / 2, order
 
@@ -136,19 +140,23 @@ def _byte_table(quant_type: QuantType, device: torch.device | str) -> Tensor:
     Entry b holds the fp32 pair (code[b >> 4], code[b & 15]) reinterpreted as 8 bytes; gathering
     8-byte elements is about 3x faster on CPU than gathering rows of two floats.
     """
-    code = code_book(quant_type, device)
+    code = _code_book(quant_type, device)
     byte = torch.arange(256, device=device)
     pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()  # (256, 2)
     return pairs.view(torch.int64).view(256)
 
 
-@lru_cache(maxsize=4)
 def dynamic_map(device: torch.device | str = "cpu") -> Tensor:
-    """The signed dynamic 8-bit map (256 sorted fp32 values in [-1, 1]).
+    """The signed dynamic 8-bit map (256 sorted fp32 values in [-1, 1]), a fresh tensor.
 
     For each exponent e = 0..6 it holds 2^e values 10^(e-6) · m and their negatives, where the
     m are the centres of 2^e equal steps of [0.1, 1]; plus 0 and 1.
     """
+    return _dynamic_map(device).clone()
+
+
+@lru_cache(maxsize=4)
+def _dynamic_map(device: torch.device | str) -> Tensor:
     values = [0.0, 1.0]
     for exponent in range(7):
         edges = torch.linspace(0.1, 1.0, 2**exponent + 1, dtype=torch.float32)
@@ -160,7 +168,7 @@ def dynamic_map(device: torch.device | str = "cpu") -> Tensor:
 @lru_cache(maxsize=4)
 def _lut_8bit(device: torch.device | str) -> Tensor:
     """Code index of each of 65536 evenly spaced points of [-1, 1]: the nearest map value."""
-    code = dynamic_map(device)
+    code = _dynamic_map(device)
     midpoints = 0.5 * (code[:-1] + code[1:])
     points = -1.0 + (2.0 * torch.arange(LUT_8BIT_SIZE, dtype=torch.float32, device=device)) / (
         LUT_8BIT_SIZE - 1.0
@@ -173,7 +181,8 @@ def quantize_blockwise_8bit(
 ) -> tuple[Tensor, Tensor]:
     """Quantize `values` to uint8 codes of the dynamic map, blockwise, with fp32 absmax.
 
-    Formula: u = clamp(v / absmax, -1, 1); code = LUT[trunc((u + 1) / 2 · 65535 + 1/2)].
+    Formula: u = clamp(v · (1 / absmax), -1, 1); code = LUT[trunc((u + 1) / 2 · 65535 + 1/2)],
+    where LUT maps each of 65536 grid points to its nearest map value (bitsandbytes' rounding).
     Returns (codes with the shape of `values`, absmax (n_blocks,)).
     """
     flat = values.detach().reshape(-1).float()
@@ -197,7 +206,7 @@ def dequantize_blockwise_8bit(
     flat = codes.reshape(-1)
     n = flat.numel()
     full = n - n % blocksize
-    decoded = torch.index_select(dynamic_map(codes.device), 0, flat.int())
+    decoded = torch.index_select(_dynamic_map(codes.device), 0, flat.int())
     decoded[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
     if full < n:
         decoded[full:].mul_(absmax[-1])
@@ -404,10 +413,7 @@ def _row_pieces(q: Quantized4bit, a: Tensor) -> tuple[int, _RowDecoder, list[Ten
 
 
 def _linear_forward(x: Tensor, q: Quantized4bit, bias: Tensor | None) -> Tensor:
-    """x (M, in) @ W.T + bias -> (M, out), W dequantized a piece of rows at a time.
-
-    The dequantized rows live in reused buffers: no full-precision copy of W is ever made.
-    """
+    """x (M, in) @ W.T + bias -> (M, out), W dequantized a piece of rows at a time."""
     if not _is_row_aligned(q):
         return F.linear(x, dequantize_4bit(q, x.dtype), bias)
     rows, decoder, packed, scales = _row_pieces(q, x)
@@ -464,9 +470,10 @@ class _Linear4bitFunction(torch.autograd.Function):
 def linear_4bit(x: Tensor, q: Quantized4bit, bias: Tensor | None = None) -> Tensor:
     """y = x Wᵀ + b with W = dequantize_4bit(q), computed in x's dtype.
 
-    On CPU, W is dequantized a few output rows at a time into reused cache-sized buffers and
-    multiplied at once, so no full-precision copy of W exists, not even within the call.
-    Differentiable in x and bias (W is frozen); backward dequantizes W again.
+    On CPU, W is dequantized a piece of output rows at a time into buffers reused from piece
+    to piece, so at most one piece of W is ever in full precision (all of it only off CPU,
+    for one matmul) and nothing is kept between calls. Differentiable in x and bias (W is
+    frozen): backward dequantizes W again instead of saving it.
 
     Args:
         x: (..., in_features) fp32, bf16 or fp16.
