@@ -126,6 +126,16 @@ def test_dequantize_rounds_products_formed_in_fp32() -> None:
         assert torch.equal(nf4.dequantize_4bit(q, dtype), reference.to(dtype))
 
 
+def test_dequantize_in_pieces_equals_code_times_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nf4, "DECODE_ELEMENTS", 3 * 64)  # pieces of 3 blocks, the last of 1
+    W = torch.randn(10 * 64 + 20, generator=torch.Generator().manual_seed(14))  # + a partial
+    q = nf4.quantize_4bit(W, "nf4", 64, double_quant=True)
+    codes = torch.stack([q.packed >> 4, q.packed & 15], dim=1).view(-1)[: W.numel()].long()
+    scales = nf4.block_scales(q).repeat_interleave(64)[: W.numel()]
+    expected = nf4.code_book("nf4")[codes] * scales  # fp32 products, as bitsandbytes forms them
+    assert torch.equal(nf4.dequantize_4bit(q), expected)
+
+
 def test_double_quant_storage_per_parameter() -> None:
     W = torch.randn(256, 256)
     single = nf4.quantize_4bit(W, "nf4", 64, double_quant=False)
@@ -266,12 +276,12 @@ def test_tiled_path_equals_the_one_shot_path(
     q = nf4.quantize_4bit(torch.randn(37, 128, generator=generator) * WEIGHT_STD, "fp4", 32, True)
     x = torch.randn(tokens, 128, generator=generator).to(dtype)
     one_shot = nf4.linear_4bit(x, q)
-    # Pieces of 5 decoded rows (the last of 2); with many tokens, matmuls over 15 rows.
+    # Pieces of 5 weight rows (the last of 2); with many tokens, of 15 rows (the last of 7).
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # decode pieces scale with threads
     monkeypatch.setattr(nf4, "DECODE_ELEMENTS", 5 * 128)
     monkeypatch.setattr(nf4, "MATMUL_ELEMENTS_PER_TOKEN", 128)
     monkeypatch.setattr(nf4, "MATMUL_ELEMENTS_MAX", 15 * 128)
-    assert nf4._tiling(q, tokens, x.device) == ((15, 5) if tokens == 70 else (5, 5))
+    assert nf4._rows_per_piece(q, tokens, x.device) == (15 if tokens == 70 else 5)
     tiled = nf4.linear_4bit(x, q)
     # Same weights, same sums; only the BLAS kernel may differ with the matrix widths.
     torch.testing.assert_close(tiled, one_shot, rtol=1e-6, atol=1e-6)

@@ -62,12 +62,12 @@ LUT_8BIT_SIZE = 65536
 # Elements quantized per step, to bound temporary memory on large weights.
 QUANTIZE_CHUNK = 1 << 20
 # CPU matmul tiling (measured on a 2-core Xeon, Linear(4096, 4096)). Weight rows are decoded
-# DECODE_ELEMENTS values per thread at a time: smaller pieces stay in L2 (256K values decode
-# ~20% faster at 1 token), but every piece costs a few parallel regions, and on a machine
-# whose cores are shared each region can wait milliseconds for a descheduled thread, so
-# pieces are kept large. Decoded rows go to the matmul in pieces of MATMUL_ELEMENTS_PER_TOKEN
-# values per input row (at least one decoded piece, at most MATMUL_ELEMENTS_MAX): one input
-# row gains nothing from wide matmuls, a thousand run ~10% slower on 256 weight rows than 1024.
+# and multiplied a piece at a time. With few tokens a piece holds DECODE_ELEMENTS values per
+# thread: smaller pieces stay in L2 (256K values decode ~20% faster at 1 token), but every
+# piece costs a few parallel regions, and on a machine whose cores are shared each region can
+# wait milliseconds for a descheduled thread. With more tokens a piece grows to
+# MATMUL_ELEMENTS_PER_TOKEN values per token (whole decode pieces, at most MATMUL_ELEMENTS_MAX):
+# a thousand tokens run ~10% slower on 256 weight rows per matmul than on 1024.
 DECODE_ELEMENTS = 1 << 20
 MATMUL_ELEMENTS_PER_TOKEN = 1 << 13
 MATMUL_ELEMENTS_MAX = 1 << 22
@@ -383,16 +383,20 @@ def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> Tenso
     return values[:n].view(q.shape).to(dtype or q.dtype)
 
 
-def _tiling(q: Quantized4bit, tokens: int, device: torch.device) -> tuple[int, int]:
-    """(rows per matmul, rows per decoded piece): all at once off CPU; cache-sized on CPU."""
+def _rows_per_piece(q: Quantized4bit, tokens: int, device: torch.device) -> int:
+    """Weight rows dequantized and multiplied at a time: all off CPU; on CPU, see the tiling.
+
+    With many tokens a piece outgrows the cache anyway and is decoded in one go: splitting
+    it would only add parallel regions.
+    """
     out_features, in_features = q.shape
     if device.type != "cpu":
-        return out_features, out_features
+        return out_features
     decode_elements = DECODE_ELEMENTS * torch.get_num_threads()
     decode_rows = max(1, min(out_features, decode_elements // in_features))
     matmul_elements = min(MATMUL_ELEMENTS_MAX, tokens * MATMUL_ELEMENTS_PER_TOKEN)
     pieces = max(1, matmul_elements // (decode_rows * in_features))
-    return min(out_features, pieces * decode_rows), decode_rows
+    return min(out_features, pieces * decode_rows)
 
 
 def _is_row_aligned(q: Quantized4bit) -> bool:
@@ -404,9 +408,9 @@ def _row_pieces(q: Quantized4bit, a: Tensor) -> tuple[int, _RowDecoder, list[Ten
     """Rows per matmul, a decoder, and the packed codes and scales cut into those rows."""
     out_features, in_features = q.shape
     blocks_per_row = in_features // q.blocksize
-    rows, decode_rows = _tiling(q, a.shape[0], a.device)
+    rows = _rows_per_piece(q, a.shape[0], a.device)
     table = _byte_table(q.quant_type, a.device)
-    decoder = _RowDecoder(rows, decode_rows, in_features // 2, blocks_per_row, table, a.dtype)
+    decoder = _RowDecoder(rows, rows, in_features // 2, blocks_per_row, table, a.dtype)
     packed = q.packed.view(out_features, in_features // 2).split(rows)
     scales = block_scales(q).view(out_features, blocks_per_row, 1).split(rows)
     return rows, decoder, list(packed), list(scales)
