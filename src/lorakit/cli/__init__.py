@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from .. import __version__
+from .demo import add_demo_parser, run_demo
 from .inspect_model import add_inspect_parser, run_inspect
 from .merge import add_merge_parser, run_merge
 
@@ -14,11 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning toolkit.")
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
-        "demo", help="LoRA on the real all-MiniLM-L6-v2: adapt, train a few steps, merge, check."
-    )
-    demo.add_argument("--steps", type=int, default=20, help="AdamW steps (default 20).")
-    demo.add_argument("--seed", type=int, default=0)
+    add_demo_parser(commands)
     add_merge_parser(commands)
     add_inspect_parser(commands)
     return parser
@@ -27,9 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from .demo import run_demo
-
-        return run_demo(steps=args.steps, seed=args.seed)
+        return run_demo(args)
     if args.command == "merge":
         return run_merge(args)
     if args.command == "inspect":
