@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from .. import __version__
+from .train import add_train_parser, run_train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=int, default=20, help="AdamW steps (default 20).")
     demo.add_argument("--seed", type=int, default=0)
+    add_train_parser(commands)
     return parser
 
 
@@ -26,4 +28,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(steps=args.steps, seed=args.seed)
+    if args.command == "train":
+        return run_train(args)
     raise AssertionError(f"unhandled command {args.command!r}")
