@@ -116,6 +116,12 @@ def _target_modules(value: Any) -> list[str] | str | None:
     return text if text == "all-linear" else [part.strip() for part in text.split(",") if part]
 
 
+def _number(value: Any) -> int | float:
+    """An int when the value is whole (PEFT's config files hold ``lora_alpha: 16``)."""
+    number = float(value)
+    return int(number) if number.is_integer() else number
+
+
 def _load_model(folder: Path, task: str, train: Any) -> Any:
     """The model folder's weights under the auto class of ``task`` (with a new head if needed)."""
     import transformers
@@ -156,7 +162,7 @@ def _train(inputs: dict[str, Any], train_options: dict[str, Any]) -> dict[str, A
     lora_config = LoraConfig(
         task_type=train.task,
         r=int(inputs["r"]),
-        lora_alpha=float(inputs["lora_alpha"]),
+        lora_alpha=_number(inputs["lora_alpha"]),
         lora_dropout=float(inputs["lora_dropout"]),
         target_modules=_target_modules(inputs.get("target_modules")),
     )

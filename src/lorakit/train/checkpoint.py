@@ -15,6 +15,7 @@ renamed away, then deleted, keeping the newest ``save_total_limit``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -34,6 +35,19 @@ TEMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """Counters of a run that a checkpoint carries."""
+
+    step: int = 0
+    micro_batches: int = 0
+    trained_tokens: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    elapsed: float = 0.0
+    last_checkpoint: str | None = None
 
 
 def seed_everything(seed: int) -> None:

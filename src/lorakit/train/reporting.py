@@ -140,34 +140,42 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def write_plot(events: Sequence[Mapping[str, Any]], path: Path, metric: str) -> Path | None:
+TRAIN_COLOR = (31, 119, 180)  # blue: training loss
+EVAL_COLOR = (255, 127, 14)  # orange: evaluation loss
+METRIC_COLOR = (44, 160, 44)  # green: the evaluation metric
+
+
+def write_plot(events: Sequence[Mapping[str, Any]], path: Path, metric: str) -> Path:
     """Plot training and evaluation loss (left) and ``metric`` (right) to a PNG.
 
-    Returns ``None`` (after a logged warning) when matplotlib is not installed.
+    With matplotlib, a labelled figure; without it, the same panels drawn by
+    ``lorakit.train.png_chart`` (no text; colours as in ``docs/training.md``).
     """
+    train = [(float(e["step"]), float(e["loss"])) for e in events if e.get("event") == "train"]
+    evals = [e for e in events if e.get("event") == "eval"]
+    eval_loss = [(float(e["step"]), float(e["eval_loss"])) for e in evals]
+    scores = [(float(e["step"]), float(e[metric])) for e in evals if metric in e]
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning(
-            "matplotlib is not installed, so no plot was written (pip install matplotlib)."
-        )
-        return None
-    train = [(e["step"], e["loss"]) for e in events if e.get("event") == "train"]
-    evals = [e for e in events if e.get("event") == "eval"]
+        from .png_chart import write_chart
+
+        loss_panel = [(train, TRAIN_COLOR), (eval_loss, EVAL_COLOR)]
+        return write_chart(path, [loss_panel, [(scores, METRIC_COLOR)]])
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    if train:
-        left.plot(*zip(*train, strict=True), label="train loss")
-    if evals:
-        left.plot(
-            [e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss"
-        )
-        right.plot([e["step"] for e in evals], [e.get(metric) for e in evals], "o-", label=metric)
-    for axis, title in ((left, "loss"), (right, metric)):
+    for axis, series in (
+        (left, [(train, "train loss", TRAIN_COLOR), (eval_loss, "eval loss", EVAL_COLOR)]),
+        (right, [(scores, metric, METRIC_COLOR)]),
+    ):
+        for points, label, color in series:
+            if points:
+                axis.plot(
+                    *zip(*points, strict=True), "o-", label=label, color=[c / 255 for c in color]
+                )
         axis.set_xlabel("step")
-        axis.set_title(title)
         axis.legend()
     figure.tight_layout()
     figure.savefig(path)
@@ -235,9 +243,10 @@ def write_run_outputs(
     if label_to_id is not None:
         labels = {str(label): index for label, index in label_to_id.items()}
         (output_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2), "utf-8")
-    plot = write_plot(events, output_dir / PLOT_FILE, metric)
+    plot_metric = "eval_perplexity" if metric == "eval_loss" else metric  # loss is on the left
+    plot = write_plot(events, output_dir / PLOT_FILE, plot_metric)
     summary = build_summary(model, state, metric, events)
     summary["adapter_dir"] = str(output_dir / ADAPTER_FOLDER)
-    summary["plot"] = str(plot) if plot is not None else "not written"
+    summary["plot"] = str(plot)
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), "utf-8")
     return summary

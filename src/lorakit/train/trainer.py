@@ -1,13 +1,6 @@
 """The training loop: AdamW on the adapters, evaluation, checkpoints, logs and the final adapter.
 
-::
-
-    from lorakit.train import TrainConfig, Trainer
-
-    config = TrainConfig(max_steps=200, batch_size=16, learning_rate=2e-4, output_dir="run")
-    summary = Trainer(peft_model, tokenizer, config, "train.jsonl", "test.jsonl").train()
-
-See ``docs/training.md`` for the files a run writes and how resuming works.
+Usage, the files a run writes and how resuming works: ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -23,6 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (
+    TrainerState,
     check_resume_config,
     load_checkpoint,
     resolve_resume,
@@ -48,19 +42,6 @@ from .tokenizing import Tokenizer
 from .train_errors import NonFiniteLossError
 
 logger = logging.getLogger("lorakit.train")
-
-
-@dataclasses.dataclass
-class TrainerState:
-    """Counters of a run that a checkpoint carries."""
-
-    step: int = 0
-    micro_batches: int = 0
-    trained_tokens: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    elapsed: float = 0.0
-    last_checkpoint: str | None = None
 
 
 def _endless(loader: BatchLoader) -> Iterator[dict[str, torch.Tensor]]:
