@@ -109,3 +109,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert good["step"] == 2
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert last == {"event": "error", "step": 4, "error": "non-finite loss: nan"}
+
+
+def test_fresh_run_refuses_an_output_dir_with_earlier_checkpoints(
+    tmp_path: Path, causal_tokenizer: Any
+) -> None:
+    Trainer(
+        _model(causal_tokenizer), causal_tokenizer, _config(tmp_path, max_steps=2), ROWS
+    ).train()
+    trainer = Trainer(_model(causal_tokenizer), causal_tokenizer, _config(tmp_path), ROWS)
+    with pytest.raises(
+        CheckpointError, match=r"already holds checkpoints .*checkpoint-2.*resume=True"
+    ):
+        trainer.train()

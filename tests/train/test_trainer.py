@@ -248,7 +248,8 @@ def test_plot_without_matplotlib_is_a_png_with_the_series(
 
     from lorakit.train.reporting import EVAL_COLOR, METRIC_COLOR, TRAIN_COLOR, write_plot
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails: the fallback draws
+    for name in ("matplotlib", "matplotlib.figure"):  # importing fails: the fallback draws
+        monkeypatch.setitem(sys.modules, name, None)
     events = [{"event": "train", "step": s, "loss": 4.0 - s} for s in (1, 2, 3)]
     events.append({"event": "eval", "step": 3, "eval_loss": 2.5, "eval_accuracy": 0.5})
     data = write_plot(events, tmp_path / "plot.png", "eval_accuracy").read_bytes()
@@ -270,3 +271,34 @@ def test_plot_without_matplotlib_is_a_png_with_the_series(
     # Evaluation (step 3, loss 2.5 of the panel's 1..3): y = 220 - (2.5 - 1) / 2 * 200 = 70.
     assert pixel(320 - 16 - 4, 70) == EVAL_COLOR
     assert METRIC_COLOR in {pixel(x, y) for x in range(320, 640) for y in range(240)}
+
+
+def test_progress_lines_without_a_terminal(
+    tmp_path: Path, causal_tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = TrainConfig(
+        max_steps=4,
+        batch_size=2,
+        logging_steps=2,
+        lr_scheduler="constant",
+        output_dir=str(tmp_path),
+    )
+    with caplog.at_level("INFO", logger="lorakit.train"):
+        Trainer(_model(causal_tokenizer), causal_tokenizer, config, ROWS).train()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split("  ")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert all("  lr 2.00e-04  " in line for line in lines)
+    assert all("tokens/s  ETA " in line for line in lines)
+
+
+def test_plot_with_matplotlib_is_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import struct
+
+    from lorakit.train.reporting import write_plot
+
+    events = [{"event": "train", "step": s, "loss": 4.0 - s} for s in (1, 2, 3)]
+    events.append({"event": "eval", "step": 3, "eval_loss": 2.5, "eval_accuracy": 0.5})
+    data = write_plot(events, tmp_path / "plot.png", "eval_accuracy").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", data[16:24]) == (1000, 400)  # figsize 10 x 4 at 100 dpi

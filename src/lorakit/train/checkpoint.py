@@ -167,9 +167,18 @@ def resolve_resume(resume: bool | str, output_dir: str) -> Path | None:
     """The checkpoint to resume from: the newest in ``output_dir`` for ``True``, or a path.
 
     Raises:
-        CheckpointError: ``resume`` names a folder that is not a whole checkpoint.
+        CheckpointError: ``resume`` names a folder that is not a whole checkpoint, or a fresh
+            start (``resume=False``) would mix its checkpoints with an earlier run's.
     """
     if resume is False:
+        earlier = list_checkpoints(output_dir)
+        if earlier:
+            raise CheckpointError(
+                f"output_dir {output_dir} already holds checkpoints of an earlier run "
+                f"({earlier[-1].name}); a new run there would mix them up. Continue it with "
+                "resume=True (--resume), choose another output_dir, or delete "
+                f"{Path(output_dir) / CHECKPOINTS_FOLDER}."
+            )
         return None
     if resume is True:
         found = list_checkpoints(output_dir)

@@ -155,31 +155,26 @@ def write_plot(events: Sequence[Mapping[str, Any]], path: Path, metric: str) -> 
     evals = [e for e in events if e.get("event") == "eval"]
     eval_loss = [(float(e["step"]), float(e["eval_loss"])) for e in evals]
     scores = [(float(e["step"]), float(e[metric])) for e in evals if metric in e]
+    panels = [
+        [(train, "train loss", TRAIN_COLOR), (eval_loss, "eval loss", EVAL_COLOR)],
+        [(scores, metric, METRIC_COLOR)],
+    ]
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         from .png_chart import write_chart
 
-        loss_panel = [(train, TRAIN_COLOR), (eval_loss, EVAL_COLOR)]
-        return write_chart(path, [loss_panel, [(scores, METRIC_COLOR)]])
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, series in (
-        (left, [(train, "train loss", TRAIN_COLOR), (eval_loss, "eval loss", EVAL_COLOR)]),
-        (right, [(scores, metric, METRIC_COLOR)]),
-    ):
+        return write_chart(path, [[(points, color) for points, _, color in p] for p in panels])
+    figure = Figure(figsize=(10, 4), layout="tight")  # no pyplot: the user's backend stays
+    for axis, series in zip(figure.subplots(1, len(panels)), panels, strict=True):
         for points, label, color in series:
             if points:
-                axis.plot(
-                    *zip(*points, strict=True), "o-", label=label, color=[c / 255 for c in color]
-                )
+                steps, values = zip(*points, strict=True)
+                axis.plot(steps, values, "o-", label=label, color=[c / 255 for c in color])
         axis.set_xlabel("step")
-        axis.legend()
-    figure.tight_layout()
+        if any(points for points, _, _ in series):
+            axis.legend()
     figure.savefig(path)
-    plt.close(figure)
     return path
 
 
