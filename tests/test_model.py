@@ -228,3 +228,19 @@ def test_adapter_name_errors() -> None:
         model(token_batch(batch=2), adapter_names=["x", "default"])
     with pytest.raises(ValueError, match="2 entries but the batch has 3 rows"):
         model(token_batch(batch=3), adapter_names=["default", "default"])
+
+
+def test_non_reentrant_gradient_checkpointing_matches_plain_gradients() -> None:
+    ids = token_batch(batch=2, length=8)
+    grads = []
+    for checkpointing in (False, True):
+        model = _adapted(lora_dropout=0.0)
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.requires_grad})
+    for key, value in grads[0].items():
+        assert torch.allclose(grads[1][key], value, rtol=1e-5, atol=1e-7), key

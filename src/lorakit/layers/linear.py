@@ -58,13 +58,15 @@ class LoraLinear(LoraLayer):
         """The one adapter to run fused with a plain `nn.Linear` base, if that path applies.
 
         The fused path owns the base matmul, so it only runs for an exact `nn.Linear` without
-        hooks, one unmerged active adapter, and one dtype throughout.
+        hooks, one unmerged active adapter, one dtype throughout, and no autocast.
         """
         routing = self.routing
         base = self.base_layer
         if routing.is_disabled or routing.row_groups is not None or args or kwargs:
             return None
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        if torch.is_autocast_enabled(x.device.type):  # autocast decides dtypes per op
             return None
         present = [name for name in routing.active_adapters if name in self.scaling]
         if len(present) != 1 or present[0] in self.merged_adapters:

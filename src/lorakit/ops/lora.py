@@ -66,7 +66,8 @@ class _LoraUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         need_x, need_A, need_B = ctx.needs_input_grad[1:4]
-        grad_x, grad_A, grad_B = _lora_grads(ctx, grad, need_x, need_A, need_B, W=None)
+        saved = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
+        grad_x, grad_A, grad_B = _lora_grads(ctx, saved, grad, need_x, need_A, need_B, W=None)
         return grad, grad_x, grad_A, grad_B, None, None, None, None
 
 
@@ -99,12 +100,13 @@ class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         need_x, need_W, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
-        W = ctx.saved_tensors[-1]
-        grad_x, grad_A, grad_B = _lora_grads(ctx, grad, need_x, need_A, need_B, W=W)
+        saved = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
+        W = saved[-1]
+        grad_x, grad_A, grad_B = _lora_grads(ctx, saved, grad, need_x, need_A, need_B, W=W)
         g = grad.reshape(-1, grad.shape[-1])
         grad_W = grad_bias = None
         if need_W:
-            x = ctx.saved_tensors[0]
+            x = saved[0]
             grad_W = g.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
@@ -130,10 +132,16 @@ def _save(
 
 
 def _lora_grads(
-    ctx: Any, grad: torch.Tensor, need_x: bool, need_A: bool, need_B: bool, W: torch.Tensor | None
+    ctx: Any,
+    saved: tuple[torch.Tensor, ...],
+    grad: torch.Tensor,
+    need_x: bool,
+    need_A: bool,
+    need_B: bool,
+    W: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of the LoRA term; with W, the base's input-gradient g W is added in."""
-    x, A, B, u, dropped = ctx.saved_tensors[:5]
+    x, A, B, u, dropped = saved[:5]
     c, seed = ctx.c, ctx.seed
     g = grad.reshape(-1, grad.shape[-1])  # (N, out)
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)

@@ -1,5 +1,20 @@
 """Fine-tuning workflow: data reading, tokenisation, batching, metrics and the trainer.
 
-Import the pieces from their modules (``lorakit.train.data``, ``lorakit.train.metrics``, ...);
-this file only re-exports the public API once the trainer lands.
+The data pieces live in their modules (``lorakit.train.data``, ``lorakit.train.metrics``, ...);
+the trainer's public API is re-exported here.
 """
+
+from .config import TrainConfig, load_train_config
+from .train_errors import CheckpointError, NonFiniteLossError, TrainConfigError
+from .trainer import Trainer, TrainerState, finetune
+
+__all__ = [
+    "CheckpointError",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainConfigError",
+    "Trainer",
+    "TrainerState",
+    "finetune",
+    "load_train_config",
+]

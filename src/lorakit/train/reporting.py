@@ -1,0 +1,247 @@
+"""What a run shows and leaves behind: progress, ``metrics.jsonl``, the plot and the summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("lorakit.train")
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "training.png"
+ADAPTER_FOLDER = "adapter"
+SUMMARY_FILE = "summary.json"
+LABELS_FILE = "labels.json"
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed at once).
+
+    Args:
+        path: The file.
+        keep_until_step: On resume, drop lines of later steps first (they were written after
+            the checkpoint by the interrupted run and will be written again); ``None``: start
+            a new file.
+    """
+
+    def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
+        self.path = path
+        kept = self.read(path) if keep_until_step is not None and path.is_file() else []
+        self.events = [
+            event for event in kept if int(event.get("step", 0)) <= (keep_until_step or 0)
+        ]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(event) + "\n" for event in self.events), "utf-8")
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        """The events of a ``metrics.jsonl`` file (a torn last line is skipped)."""
+        events = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events
+
+    def write(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event) + "\n")
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines (at logging steps) otherwise."""
+
+    def __init__(self, total_steps: int, initial_step: int) -> None:
+        self.total_steps = total_steps
+        self.initial_step = initial_step
+        self.started = time.perf_counter()
+        self.bar: Any = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total_steps, initial=initial_step, unit="step")
+
+    def eta_seconds(self, step: int) -> float:
+        done = step - self.initial_step
+        elapsed = time.perf_counter() - self.started
+        return elapsed / done * (self.total_steps - step) if done > 0 else math.nan
+
+    def step(self, step: int, loss: float, learning_rate: float, tokens_per_second: float) -> None:
+        """Advance the bar to ``step`` with the latest numbers."""
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens_per_second:.0f}"
+            )
+            self.bar.update(step - self.bar.n)
+
+    def line(self, step: int, loss: float, learning_rate: float, tokens_per_second: float) -> None:
+        """A plain progress line at a logging step, when there is no bar."""
+        if self.bar is None:
+            logger.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  ETA %s",
+                step,
+                self.total_steps,
+                loss,
+                learning_rate,
+                tokens_per_second,
+                format_seconds(self.eta_seconds(step)),
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_seconds(seconds: float) -> str:
+    """``1h02m03s`` / ``4m05s`` / ``6s``; ``?`` when unknown."""
+    if math.isnan(seconds):
+        return "?"
+    whole = int(seconds + 0.5)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def peak_memory_mb() -> float | None:
+    """This process's peak resident memory in MiB (``resource.getrusage``), ``None`` if unknown."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """A two-column text table of the summary's entries."""
+    rows = [(key, _format_value(value)) for key, value in summary.items()]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key.ljust(width)}  {value}" for key, value in rows)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4f}" if abs(value) < 1e6 else f"{value:.4e}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,d}"
+    return str(value)
+
+
+TRAIN_COLOR = (31, 119, 180)  # blue: training loss
+EVAL_COLOR = (255, 127, 14)  # orange: evaluation loss
+METRIC_COLOR = (44, 160, 44)  # green: the evaluation metric
+
+
+def write_plot(events: Sequence[Mapping[str, Any]], path: Path, metric: str) -> Path:
+    """Plot training and evaluation loss (left) and ``metric`` (right) to a PNG.
+
+    With matplotlib, a labelled figure; without it, the same panels drawn by
+    ``lorakit.train.png_chart`` (no text; colours as in ``docs/training.md``).
+    """
+    train = [(float(e["step"]), float(e["loss"])) for e in events if e.get("event") == "train"]
+    evals = [e for e in events if e.get("event") == "eval"]
+    eval_loss = [(float(e["step"]), float(e["eval_loss"])) for e in evals]
+    scores = [(float(e["step"]), float(e[metric])) for e in evals if metric in e]
+    panels = [
+        [(train, "train loss", TRAIN_COLOR), (eval_loss, "eval loss", EVAL_COLOR)],
+        [(scores, metric, METRIC_COLOR)],
+    ]
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        from .png_chart import write_chart
+
+        return write_chart(path, [[(points, color) for points, _, color in p] for p in panels])
+    figure = Figure(figsize=(10, 4), layout="tight")  # no pyplot: the user's backend stays
+    for axis, series in zip(figure.subplots(1, len(panels)), panels, strict=True):
+        for points, label, color in series:
+            if points:
+                steps, values = zip(*points, strict=True)
+                axis.plot(steps, values, "o-", label=label, color=[c / 255 for c in color])
+        axis.set_xlabel("step")
+        if any(points for points, _, _ in series):
+            axis.legend()
+    figure.savefig(path)
+    return path
+
+
+def build_summary(
+    model: Any, state: Any, metric: str, events: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Trainable parameters and %, steps, final losses, best evaluation, time, peak memory."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    train_events = [e for e in events if e.get("event") == "train"]
+    summary: dict[str, Any] = {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / max(total, 1),
+        "steps": state.step,
+        "trained_tokens": state.trained_tokens,
+        "final_train_loss": train_events[-1]["loss"] if train_events else None,
+        f"best_{metric}": state.best_metric,
+        "best_step": state.best_step,
+        "wall_time_s": state.elapsed,
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    return summary
+
+
+class LogWindow:
+    """Loss and throughput since the last logging step."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.losses: list[float] = []
+        self.tokens = 0
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.started, 1e-9)
+
+    def event(self, step: int, learning_rate: float, grad_norm: float) -> dict[str, Any]:
+        return {
+            "event": "train",
+            "step": step,
+            "loss": sum(self.losses) / len(self.losses),
+            "learning_rate": learning_rate,
+            "grad_norm": grad_norm,
+            "tokens_per_second": self.tokens_per_second(),
+        }
+
+
+def write_run_outputs(
+    model: Any,
+    state: Any,
+    events: Sequence[Mapping[str, Any]],
+    output_dir: Path,
+    metric: str,
+    label_to_id: Mapping[Any, int] | None,
+) -> dict[str, Any]:
+    """Write the label map (classification), the plot and ``summary.json``; return the summary."""
+    if label_to_id is not None:
+        labels = {str(label): index for label, index in label_to_id.items()}
+        (output_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2), "utf-8")
+    plot_metric = "eval_perplexity" if metric == "eval_loss" else metric  # loss is on the left
+    plot = write_plot(events, output_dir / PLOT_FILE, plot_metric)
+    summary = build_summary(model, state, metric, events)
+    summary["adapter_dir"] = str(output_dir / ADAPTER_FOLDER)
+    summary["plot"] = str(plot)
+    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), "utf-8")
+    return summary

@@ -1,0 +1,299 @@
+"""The training loop: AdamW on the adapters, evaluation, checkpoints, logs and the final adapter.
+
+Usage, the files a run writes and how resuming works: ``docs/training.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import (
+    TrainerState,
+    check_resume_config,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+)
+from .config import TrainConfig
+from .data import BatchLoader, TokenizedDataset, make_loader
+from .evaluation import autocast_context, evaluate, label_count, main_metric
+from .inputs import resolve_datasets
+from .reading import DataSource
+from .reporting import (
+    ADAPTER_FOLDER,
+    METRICS_FILE,
+    LogWindow,
+    MetricsLog,
+    Progress,
+    write_run_outputs,
+)
+from .schedule import build_optimizer, build_scheduler
+from .tokenizing import Tokenizer
+from .train_errors import NonFiniteLossError
+
+logger = logging.getLogger("lorakit.train")
+
+
+def _endless(loader: BatchLoader) -> Iterator[dict[str, torch.Tensor]]:
+    while True:  # the sampler moves to the next epoch each time one ends
+        yield from loader
+
+
+class Trainer:
+    """Trains a ``PeftModel``'s trainable parameters on a dataset.
+
+    Args:
+        model: A ``PeftModel`` (only parameters with ``requires_grad`` are trained).
+        tokenizer: The model's tokenizer (tokenises file/list data, pads batches).
+        config: The run's options.
+        train_data: A ``TokenizedDataset`` or any source ``prepare_datasets`` reads.
+        eval_data: Same forms, or ``None``.
+        task: PEFT task type of file/list data; ``None`` detects it from the rows.
+        callbacks: Called with the trainer after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        config: TrainConfig,
+        train_data: TokenizedDataset | DataSource,
+        eval_data: TokenizedDataset | DataSource | None = None,
+        *,
+        task: object = None,
+        callbacks: Sequence[Callable[[Trainer], None]] = (),
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.train_dataset, self.eval_dataset = resolve_datasets(
+            train_data, eval_data, tokenizer, task=task, max_length=config.max_length
+        )
+        self.task = self.train_dataset.task
+        self.device = next(model.parameters()).device
+        self.output_dir = Path(config.output_dir)
+        self.callbacks = list(callbacks)
+        self.state = TrainerState()
+        self.log: MetricsLog | None = None
+        self._clock = time.perf_counter()
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of the run: ``max_steps``, or enough for ``epochs`` epochs."""
+        if self.config.max_steps is not None:
+            return self.config.max_steps
+        micro_batches = self.config.epochs * batches_per_epoch
+        return -(-micro_batches // self.config.gradient_accumulation_steps)
+
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) training; save the adapter, plot and summary.
+
+        Returns:
+            The summary (also written to ``<output_dir>/summary.json``).
+
+        Raises:
+            NonFiniteLossError: The loss became NaN/inf; the last good checkpoint is kept.
+            CheckpointError: ``resume`` names no checkpoint, or one that does not fit.
+        """
+        config = self.config
+        seed_everything(config.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        loader = make_loader(
+            self.train_dataset, self.tokenizer, batch_size=config.batch_size, seed=config.seed
+        )
+        total_steps = self.total_steps(len(loader))
+        optimizer = build_optimizer(self.model, config)
+        scheduler = build_scheduler(optimizer, config, total_steps)
+        if config.gradient_checkpointing:
+            # Reentrant checkpointing: the fused LoRA autograd function reads its saved
+            # tensors in a way the non-reentrant variant refuses.
+            self.model.gradient_checkpointing_enable(  # type: ignore[operator]
+                gradient_checkpointing_kwargs={"use_reentrant": True}
+            )
+        resume_path = resolve_resume(config.resume, config.output_dir)
+        rng_state = None
+        if resume_path is not None:
+            saved = load_checkpoint(resume_path, self.model, optimizer, scheduler)
+            check_resume_config(saved.get("config", {}), config.to_dict(), resume_path)
+            loader.load_state_dict(saved["loader"])
+            self.state = TrainerState(**saved["trainer"])
+            rng_state = saved["rng"]
+            logger.info("resuming from %s at step %d", resume_path, self.state.step)
+        keep = self.state.step if resume_path is not None else None
+        self.log = MetricsLog(self.output_dir / METRICS_FILE, keep_until_step=keep)
+        if rng_state is not None:
+            restore_rng_state(rng_state)  # last: nothing after this may draw random numbers
+        self._clock = time.perf_counter() - self.state.elapsed
+        self.model.train()
+        self._loop(loader, optimizer, scheduler, total_steps)
+        return self._finish()
+
+    def _loop(
+        self,
+        loader: BatchLoader,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        total_steps: int,
+    ) -> None:
+        config, state = self.config, self.state
+        total_micro = None if config.max_steps else config.epochs * len(loader)
+        progress = Progress(total_steps, state.step)
+        batches = _endless(loader)
+        window = LogWindow()
+        try:
+            while state.step < total_steps:
+                count = config.gradient_accumulation_steps
+                if total_micro is not None:
+                    count = min(count, total_micro - state.micro_batches)
+                group = [next(batches) for _ in range(count)]
+                learning_rate = float(scheduler.get_last_lr()[0])
+                loss, grad_norm, tokens = self._optimizer_step(group, optimizer)
+                scheduler.step()
+                state.step += 1
+                state.micro_batches += count
+                state.trained_tokens += tokens
+                window.add(loss, tokens)
+                progress.step(state.step, loss, learning_rate, window.tokens_per_second())
+                if state.step % config.logging_steps == 0 or state.step == total_steps:
+                    event = window.event(state.step, learning_rate, grad_norm)
+                    event["epoch"] = round(state.micro_batches / len(loader), 4)
+                    self._write(event)
+                    progress.line(
+                        state.step, event["loss"], learning_rate, event["tokens_per_second"]
+                    )
+                    window = LogWindow()
+                self._maybe_evaluate(total_steps)
+                if config.save_steps and state.step % config.save_steps == 0:
+                    self._save(loader, optimizer, scheduler)
+                for callback in self.callbacks:
+                    callback(self)
+        finally:
+            progress.close()
+            state.elapsed = self.elapsed()
+
+    def _optimizer_step(
+        self, group: list[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer
+    ) -> tuple[float, float, int]:
+        """Forward/backward over the micro-batches, clip, step; return (loss, grad norm, tokens).
+
+        Each micro-batch's mean loss is weighted by its share of the group's label items, so
+        the step equals one step on the concatenated batch.
+        """
+        batches = [{key: value.to(self.device) for key, value in b.items()} for b in group]
+        counts = [label_count(batch, self.task) for batch in batches]
+        total = sum(counts)
+        if total == 0:
+            raise ValueError(
+                f"step {self.state.step + 1}: the batch has no label to train on (all -100); "
+                "check max_length and the rows' completions."
+            )
+        step_loss = 0.0
+        for batch, count in zip(batches, counts, strict=True):
+            if count == 0:
+                continue
+            with autocast_context(self.device, self.config.precision):
+                loss = self.model(**batch).loss
+            if not torch.isfinite(loss):
+                self._fail_non_finite("loss", float(loss.detach()))
+            (loss * (count / total)).backward()
+            step_loss += float(loss.detach()) * count / total
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        limit = self.config.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            self._fail_non_finite("gradient norm", grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+        return step_loss, grad_norm, tokens
+
+    def _fail_non_finite(self, what: str, value: float) -> None:
+        step = self.state.step + 1
+        kept = self.state.last_checkpoint or "none was written (set save_steps)"
+        self._write({"event": "error", "step": step, "error": f"non-finite {what}: {value}"})
+        raise NonFiniteLossError(
+            f"the training {what} became {value} at step {step}; training stopped. The last good "
+            f"checkpoint: {kept}. Fix: lower learning_rate (now {self.config.learning_rate}), "
+            "set max_grad_norm, use precision 'fp32', or check the data; then resume."
+        )
+
+    def _maybe_evaluate(self, total_steps: int) -> None:
+        step, every = self.state.step, self.config.eval_steps
+        if self.eval_dataset is None or not (step == total_steps or (every and step % every == 0)):
+            return
+        loader = make_loader(
+            self.eval_dataset, self.tokenizer, batch_size=self.config.batch_size, shuffle=False
+        )
+        metrics = evaluate(self.model, loader, self.task, self.device, self.config.precision)
+        name, higher_is_better = main_metric(self.task)
+        best = self.state.best_metric
+        if best is None or (metrics[name] > best if higher_is_better else metrics[name] < best):
+            self.state.best_metric, self.state.best_step = metrics[name], step
+        self._write({"event": "eval", "step": step, **metrics})
+        logger.info("step %d  %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def _save(
+        self,
+        loader: BatchLoader,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> None:
+        state = dataclasses.replace(self.state, elapsed=self.elapsed())
+        payload = {
+            "step": state.step,
+            "loader": loader.state_dict(),
+            "trainer": dataclasses.asdict(state),
+            "config": self.config.to_dict(),
+        }
+        path = save_checkpoint(
+            self.output_dir, self.model, optimizer, scheduler, payload, self.config.save_total_limit
+        )
+        self.state.last_checkpoint = str(path)
+
+    def elapsed(self) -> float:
+        """Wall seconds of the run so far, earlier (interrupted) parts included."""
+        return time.perf_counter() - self._clock
+
+    def _write(self, event: dict[str, Any]) -> None:
+        assert self.log is not None, "the metrics log is opened by train()"
+        self.log.write(event)
+
+    def _finish(self) -> dict[str, Any]:
+        self.model.save_pretrained(self.output_dir / ADAPTER_FOLDER)  # type: ignore[operator]
+        events = self.log.events if self.log is not None else []
+        return write_run_outputs(
+            self.model,
+            self.state,
+            events,
+            self.output_dir,
+            main_metric(self.task)[0],
+            self.train_dataset.label_to_id,
+        )
+
+
+def finetune(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    train_data: TokenizedDataset | DataSource,
+    eval_data: TokenizedDataset | DataSource | None = None,
+    config: TrainConfig | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train ``model`` in one call: ``Trainer(...).train()`` with ``config`` + ``overrides``.
+
+    Example: ``finetune(peft_model, tokenizer, "train.jsonl", max_steps=100, output_dir="run")``.
+
+    Returns:
+        The run's summary.
+    """
+    config = (config or TrainConfig()).with_overrides(overrides)
+    return Trainer(model, tokenizer, config, train_data, eval_data).train()
