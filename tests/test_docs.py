@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -35,3 +37,34 @@ def test_core_does_not_import_transformers() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+DOCS = sorted((README.parent / "docs").glob("*.md"))
+
+
+def test_docs_python_examples_run(
+    tmp_path: Path, minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each docs/*.md python block runs with a MiniLM classifier, its tokenizer and data files."""
+    import json
+
+    import transformers
+
+    rows = [{"text": f"{word} day", "label": label} for word, label in _WORDS] * 4
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / name).write_text("\n".join(json.dumps(row) for row in rows))
+    monkeypatch.chdir(tmp_path)
+    blocks = [block for doc in DOCS for block in _python_blocks(doc.read_text())]
+    assert len(blocks) >= 2
+    for block in blocks:
+        namespace = {
+            "__name__": "docs",
+            "tokenizer": transformers.AutoTokenizer.from_pretrained(minilm_dir),
+            "base": transformers.AutoModelForSequenceClassification.from_pretrained(
+                minilm_dir, num_labels=2
+            ),
+        }
+        exec(compile(block, "docs", "exec"), namespace)
+
+
+_WORDS = [("good", "positive"), ("great", "positive"), ("bad", "negative"), ("awful", "negative")]

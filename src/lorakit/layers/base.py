@@ -136,10 +136,17 @@ class LoraLayer(nn.Module):
             return result
         if routing.row_groups is not None:
             return self._add_row_group_outputs(result, x, routing.row_groups)
-        for adapter_name in routing.active_adapters:
-            if adapter_name in self.scaling and adapter_name not in self.merged_adapters:
-                result = self._add_adapter_output(result, x, adapter_name)
+        for adapter_name in self.acting_adapters():
+            result = self._add_adapter_output(result, x, adapter_name)
         return result
+
+    def acting_adapters(self) -> list[str]:
+        """Active adapters this layer holds and has not merged: the ones forward must add."""
+        return [
+            name
+            for name in self.routing.active_adapters
+            if name in self.scaling and name not in self.merged_adapters
+        ]
 
     def _add_row_group_outputs(
         self, result: torch.Tensor, x: torch.Tensor, groups: tuple[RowGroup, ...]

@@ -43,38 +43,35 @@ class LoraLinear(LoraLayer):
         del self.lora_B[adapter_name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_name = self._single_fusable_adapter(x, args, kwargs)
-        if adapter_name is None:
-            return super().forward(x, *args, **kwargs)
-        base = cast(nn.Linear, self.base_layer)
-        A, B = self._adapter_pair(adapter_name)
-        p = self.lora_dropout_p[adapter_name] if self.training else 0.0
-        shared = self.routing.shared_dropout
-        return lora_linear(x, base.weight, base.bias, A, B, self.scaling[adapter_name], p, shared)
-
-    def _single_fusable_adapter(
-        self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> str | None:
-        """The one adapter to run fused with a plain `nn.Linear` base, if that path applies.
-
-        The fused path owns the base matmul, so it only runs for an exact `nn.Linear` without
-        hooks, one unmerged active adapter, one dtype throughout, and no autocast.
-        """
         routing = self.routing
-        base = self.base_layer
         if routing.is_disabled or routing.row_groups is not None or args or kwargs:
-            return None
+            return super().forward(x, *args, **kwargs)
+        acting = self.acting_adapters()
+        if not acting:  # merged or absent: the base alone, no added work
+            result: torch.Tensor = self.base_layer(x)
+            return result
+        if len(acting) == 1 and self._can_fuse(x, acting[0]):
+            base = cast(nn.Linear, self.base_layer)
+            A, B = self._adapter_pair(acting[0])
+            p = self.lora_dropout_p[acting[0]] if self.training else 0.0
+            scale = self.scaling[acting[0]]
+            return lora_linear(x, base.weight, base.bias, A, B, scale, p, routing.shared_dropout)
+        result = self.base_layer(x)
+        for adapter_name in acting:
+            result = self._add_adapter_output(result, x, adapter_name)
+        return result
+
+    def _can_fuse(self, x: torch.Tensor, adapter_name: str) -> bool:
+        """Whether the fused path (which owns the base matmul) may run for this adapter.
+
+        It needs an exact `nn.Linear` without hooks, one dtype throughout, and no autocast.
+        """
+        base = self.base_layer
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
-            return None
+            return False
         if torch.is_autocast_enabled(x.device.type):  # autocast decides dtypes per op
-            return None
-        present = [name for name in routing.active_adapters if name in self.scaling]
-        if len(present) != 1 or present[0] in self.merged_adapters:
-            return None
-        A = self.lora_A[present[0]].weight
-        if not (x.dtype == A.dtype == base.weight.dtype):
-            return None
-        return present[0]
+            return False
+        return x.dtype == self.lora_A[adapter_name].weight.dtype == base.weight.dtype
 
     def _add_adapter_output(
         self, result: torch.Tensor, x: torch.Tensor, adapter_name: str
