@@ -147,7 +147,7 @@ def _lora_grads(
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     grad_x = grad_A = grad_B = None
     if need_B:
-        grad_B = (g.t() @ u).mul_(c)  # (out, r)
+        grad_B = (u.t() @ g).mul_(c).t().contiguous()  # (out, r); MKL is faster this way round
     if need_x or need_A:
         grad_u = (g @ B).mul_(c)  # (N, r)
         if need_A:
