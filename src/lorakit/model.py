@@ -91,8 +91,38 @@ class PeftModel(nn.Module):
         model: nn.Module = self.base_model.model
         return model
 
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """Run the base model; `adapter_names` names one adapter per row ("__base__" = none)."""
+    def forward(
+        self,
+        *args: Any,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the base model; `adapter_names` names one adapter per row ("__base__" = none).
+
+        The usual model inputs are named in the signature (only those given are passed on), so
+        `transformers.Trainer` keeps those dataset columns as it does for peft models.
+        """
+        named = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "inputs_embeds": inputs_embeds,
+            "labels": labels,
+            "pixel_values": pixel_values,
+            "decoder_input_ids": decoder_input_ids,
+            "decoder_attention_mask": decoder_attention_mask,
+        }
+        kwargs.update({key: value for key, value in named.items() if value is not None})
         self.routing.shared_dropout.clear()  # nothing from the last step stays alive
         if adapter_names is None:
             return self.base_model(*args, **kwargs)

@@ -45,7 +45,6 @@ def test_peft_model_trains_under_transformers_trainer(
         logging_steps=5,
         seed=0,
         # PeftModel.forward takes **kwargs, so transformers cannot tell which columns it reads.
-        remove_unused_columns=False,
     )
     trainer = transformers.Trainer(
         model=model, args=arguments, train_dataset=train.features, data_collator=collator
