@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 import transformers
 
 from lorakit import PeftModel
@@ -41,7 +40,6 @@ def test_full_demo_lora_matches_full_fine_tuning(tmp_path: Path, minilm_dir: Pat
     base = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
     assert any(p.abs().sum() > 0 for n, p in loaded.named_parameters() if "lora_B" in n)
-    assert torch.is_tensor(next(loaded.parameters()))
 
 
 def test_version_flag() -> None:
