@@ -321,6 +321,8 @@ class PeftModel(nn.Module):
         names = list(self.routing.active_adapters if adapter_names is None else adapter_names)
         self._check_exist(names)
         layers = list(self._lora_layers())
+        for _, layer in layers:
+            layer.base_weight()  # raises before anything is written if a base cannot merge
         if safe_merge:
             for key, layer in layers:
                 for name in names:

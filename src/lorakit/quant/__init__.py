@@ -1,5 +1,8 @@
 """Quantized base layers: 4-bit (NF4/FP4) linear weights for QLoRA."""
 
 from .linear import QuantConfig, QuantLinear, quantize_model_linears
+from .lora import LoraQuantLinear, register
 
-__all__ = ["QuantConfig", "QuantLinear", "quantize_model_linears"]
+register()
+
+__all__ = ["LoraQuantLinear", "QuantConfig", "QuantLinear", "quantize_model_linears"]
