@@ -31,7 +31,7 @@ from .inject import (
 from .io import read_adapter_config
 from .layers.base import LoraLayer
 from .layers.modules_to_save import ModulesToSaveWrapper
-from .layers.routing import AdapterRouting, RowGroup
+from .layers.routing import AdapterRouting, batch_size_of, row_groups_for
 from .persistence import config_from_file, load_adapter_into, save_adapters
 
 logger = logging.getLogger(__name__)
@@ -449,36 +449,19 @@ class PeftModel(nn.Module):
     def _rows_routed(
         self, adapter_names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Iterator[None]:
-        known = set(self.peft_config) | {BASE_ADAPTER_NAME}
-        unknown = sorted(set(adapter_names) - known)
-        if unknown:
-            raise AdapterNameError(
-                f"adapter_names has unknown adapters {unknown}; known: {sorted(known)}."
-            )
-        batch = _batch_size(args, kwargs)
-        if batch is not None and batch != len(adapter_names):
-            raise ValueError(
-                f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows; "
-                "give one adapter name per row."
-            )
-        device = next(self.parameters()).device
-        groups = []
-        for name in dict.fromkeys(adapter_names):
-            rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
-            groups.append(RowGroup(name, torch.tensor(rows, dtype=torch.long, device=device)))
+        """Route each batch row to its adapter for the duration of one call."""
+        groups = row_groups_for(
+            adapter_names,
+            known=set(self.peft_config) | {BASE_ADAPTER_NAME},
+            batch_size=batch_size_of(args, kwargs),
+            device=next(self.parameters()).device,
+        )
         previous = self.routing.row_groups
-        self.routing.row_groups = tuple(groups)
+        self.routing.row_groups = groups
         try:
             yield
         finally:
             self.routing.row_groups = previous
-
-
-def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    return None
 
 
 def get_peft_model(
