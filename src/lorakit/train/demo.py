@@ -125,6 +125,11 @@ def run(
 ) -> dict[str, Any]:
     """Train LoRA and full fine-tuning; save, merge and check the adapter; write the plot."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    # The new classification head is expected to be missing from the checkpoint: no report.
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
     split = load_vader_sentiment()
     rows = split.train[:max_train_rows] if max_train_rows else split.train
