@@ -67,6 +67,8 @@ class PeftModel(nn.Module):
         adapter_name: str = DEFAULT_ADAPTER_NAME,
         *,
         init_weights: bool = True,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
         self.routing = AdapterRouting()
@@ -74,7 +76,13 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self._wrapper_cache: list[tuple[str, LoraLayer | ModulesToSaveWrapper]] | None = None
         model.requires_grad_(False)
-        self.add_adapter(adapter_name, peft_config, init_weights=init_weights)
+        self.add_adapter(
+            adapter_name,
+            peft_config,
+            init_weights=init_weights,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         self.set_adapter(adapter_name)
 
     # --- pass-through ----------------------------------------------------------------------
@@ -151,11 +159,22 @@ class PeftModel(nn.Module):
         return self.routing.active_adapters[0] if self.routing.active_adapters else ""
 
     def add_adapter(
-        self, adapter_name: str, peft_config: LoraConfig, *, init_weights: bool = True
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        *,
+        init_weights: bool = True,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         """Inject a new, inactive adapter; on any error the model is left unchanged.
 
-        `init_weights=False` skips initialisation, for callers that load weights right after.
+        Adapters sit on the device of the layer they wrap, in fp32 on a fp16/bf16 base unless
+        `autocast_adapter_dtype=False` (then in the base dtype). `init_weights=False` skips
+        initialisation, for callers that load weights right after. `low_cpu_mem_usage=True`
+        creates the adapter's tensors on the meta device, uninitialised and allocating
+        nothing: load weights into it (`load_adapter`, or `load_state_dict(..., assign=True)`)
+        before running it.
         """
         if adapter_name in self.peft_config:
             raise AdapterNameError(
@@ -170,7 +189,16 @@ class PeftModel(nn.Module):
         config = self._config_for(peft_config)
         model = self.get_base_model()
         plan = plan_injection(model, config)
-        apply_injection(model, plan, config, adapter_name, self.routing, init_weights)
+        apply_injection(
+            model,
+            plan,
+            config,
+            adapter_name,
+            self.routing,
+            init_weights,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         self._wrappers_changed()
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
@@ -482,10 +510,24 @@ def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
 
 
 def get_peft_model(
-    model: nn.Module, peft_config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER_NAME
+    model: nn.Module,
+    peft_config: LoraConfig,
+    adapter_name: str = DEFAULT_ADAPTER_NAME,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap `model` with a new trainable LoRA adapter; base weights are frozen."""
-    return PeftModel(model, peft_config, adapter_name=adapter_name)
+    """Wrap `model` with a new trainable LoRA adapter; base weights are frozen.
+
+    The options are `PeftModel.add_adapter`'s (fp32 adapters on half-precision bases; meta
+    tensors to be loaded later).
+    """
+    return PeftModel(
+        model,
+        peft_config,
+        adapter_name=adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )
 
 
 # ModulesToSaveWrapper is re-exported for isinstance checks by users.

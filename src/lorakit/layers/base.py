@@ -80,13 +80,23 @@ class LoraLayer(nn.Module):
         """The dense weight merging writes into."""
         return module_weight(self.base_layer)
 
-    def adapter_dtype_and_device(self) -> tuple[torch.dtype, torch.device]:
-        """Adapters live beside the base weight; half-precision bases get fp32 adapters."""
+    def base_dtype_and_device(self) -> tuple[torch.dtype, torch.device]:
+        """The dtype the base computes in and the device it sits on."""
         weight = self.base_weight()
-        dtype = weight.dtype
-        if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
+        return weight.dtype, weight.device
+
+    def adapter_dtype_and_device(
+        self, autocast_adapter_dtype: bool = True
+    ) -> tuple[torch.dtype, torch.device]:
+        """Adapters live beside the base; half-precision bases get fp32 adapters by default.
+
+        `autocast_adapter_dtype=False` keeps them in the base dtype (when it is floating).
+        """
+        dtype, device = self.base_dtype_and_device()
+        is_half = dtype in (torch.float16, torch.bfloat16)
+        if (is_half and autocast_adapter_dtype) or not dtype.is_floating_point:
             dtype = torch.float32
-        return dtype, weight.device
+        return dtype, device
 
     def add_adapter(
         self,
@@ -97,14 +107,20 @@ class LoraLayer(nn.Module):
         use_rslora: bool,
         init_lora_weights: object,
         initialise_weights: bool = True,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         """Create the tensors of a new adapter in this layer and initialise them.
 
         `initialise_weights=False` leaves them as allocated, for a load that overwrites them.
+        `low_cpu_mem_usage=True` allocates nothing: the tensors are created on the meta
+        device (uninitialised) for a load to replace with the file's tensors.
         """
         if adapter_name in self.r:
             raise AdapterNameError(f"Adapter {adapter_name!r} already exists in this layer.")
-        dtype, device = self.adapter_dtype_and_device()
+        dtype, device = self.adapter_dtype_and_device(autocast_adapter_dtype)
+        if low_cpu_mem_usage:
+            device, initialise_weights = torch.device("meta"), False
         self._create_adapter(adapter_name, r, dtype, device)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha

@@ -254,7 +254,8 @@ def _add_lora_linear_reference(
     if dropout_p > 0:
         x_lora = torch.nn.functional.dropout(x_lora, dropout_p, training=True)
     update = (x_lora @ A.t()) @ B.t()
-    return result + (update * scale).to(result.dtype)
+    # Sum in the wider dtype of the two, then round into the base output's dtype once.
+    return torch.add(result, update, alpha=scale).to(result.dtype)
 
 
 def add_lora_embedding(
