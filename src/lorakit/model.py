@@ -295,15 +295,32 @@ class PeftModel(nn.Module):
         model_id: str | os.PathLike[str],
         adapter_name: str,
         is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
         allow_pickle: bool = False,
         subfolder: str | None = None,
+        **_ignored: Any,
     ) -> None:
         """Load a saved adapter under `adapter_name` (inactive; frozen unless `is_trainable`).
 
-        Only safetensors files are read unless `allow_pickle`. A file that does not fit the
-        model raises an error naming the first mismatches, and the model stays as it was.
+        Only safetensors files are read unless `allow_pickle`. The file is read onto
+        `torch_device` (default CPU), and each tensor then sits beside its layer. A file
+        that does not fit the model raises an error naming the first mismatches, and the
+        model stays as it was. `autocast_adapter_dtype` and `low_cpu_mem_usage` are
+        `add_adapter`'s; with the latter the file's tensors become the adapter's (no copy).
         """
-        load_adapter_into(self, model_id, adapter_name, is_trainable, allow_pickle, subfolder)
+        load_adapter_into(
+            self,
+            model_id,
+            adapter_name,
+            is_trainable,
+            allow_pickle,
+            subfolder,
+            torch_device=torch_device,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
 
     @classmethod
     def from_pretrained(
@@ -313,15 +330,28 @@ class PeftModel(nn.Module):
         adapter_name: str = DEFAULT_ADAPTER_NAME,
         is_trainable: bool = False,
         config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
         allow_pickle: bool = False,
         subfolder: str | None = None,
+        torch_device: str | torch.device | None = None,
         **_ignored: Any,
     ) -> PeftModel:
-        """Wrap `model` with the adapter saved in `model_id` (a folder) and return it."""
+        """Wrap `model` with the adapter saved in `model_id` (a folder) and return it.
+
+        The options are `load_adapter`'s.
+        """
         folder = Path(model_id) if subfolder is None else Path(model_id) / subfolder
         if config is None:
             config = config_from_file(read_adapter_config(folder), is_trainable)
-        peft_model = cls(model, config, adapter_name, init_weights=False)
+        peft_model = cls(
+            model,
+            config,
+            adapter_name,
+            init_weights=False,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         try:
             load_adapter_into(
                 peft_model,
@@ -331,6 +361,7 @@ class PeftModel(nn.Module):
                 allow_pickle,
                 config=config,
                 inject=False,
+                torch_device=torch_device,
             )
         except BaseException:
             peft_model.unload()
