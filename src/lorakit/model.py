@@ -412,7 +412,7 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """Return the base model with its original modules back in place (adapters dropped)."""
         if any(layer.merged_adapters for _, layer in self._lora_layers()):
-            logger.warning("unload() unmerges merged adapters first (exact to rounding).")
+            logger.warning("unload() unmerges merged adapters first (restoring the base weights).")
             self.unmerge_adapter()
         self._wrappers_changed()
         return unwrap_model(self.get_base_model(), keep_trained_heads=False)
