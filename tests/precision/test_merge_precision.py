@@ -107,3 +107,15 @@ def test_merged_error_is_at_most_peft_on_a_bf16_llama() -> None:
     peft_error = (logits(peft_model) - reference).abs().max().item()
     lorakit_error = (logits(lorakit_model) - reference).abs().max().item()
     assert lorakit_error <= peft_error
+
+
+def test_a_record_from_before_a_cast_is_not_applied() -> None:
+    """After `.to(dtype)` the record's values no longer fit; unmerge falls back to rounding."""
+    weight, delta = _weight_and_delta(torch.bfloat16)
+    original = weight.clone()
+    record = merge_delta(weight, delta)
+    weight_fp16 = weight.to(torch.float16)
+    unmerge_delta(weight_fp16, delta, record)
+    expected = (weight.to(torch.float16).float() - delta).to(torch.float16)
+    assert torch.equal(weight_fp16, expected)
+    assert not torch.equal(weight_fp16, original.to(torch.float16))

@@ -75,9 +75,10 @@ def unmerge_delta(weight: torch.Tensor, delta: torch.Tensor, record: MergeRecord
     compute = _compute_dtype(weight.dtype)
     delta = delta.to(device=weight.device, dtype=compute)
     weight.copy_(weight.to(compute) - delta)
-    if record is None:
+    if record is None or record.values.dtype != weight.dtype:  # cast since: no longer applies
         return
+    values = record.values.to(weight.device)  # the model may have moved since the merge
     if record.indices is None:
-        weight.copy_(record.values)
+        weight.copy_(values)
     elif record.indices.numel():
-        weight.put_(record.indices.long(), record.values)  # row-major order, any strides
+        weight.put_(record.indices.to(weight.device, torch.long), values)  # row-major, any strides
