@@ -67,6 +67,8 @@ class PeftModel(nn.Module):
         adapter_name: str = DEFAULT_ADAPTER_NAME,
         *,
         init_weights: bool = True,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
         self.routing = AdapterRouting()
@@ -74,7 +76,13 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self._wrapper_cache: list[tuple[str, LoraLayer | ModulesToSaveWrapper]] | None = None
         model.requires_grad_(False)
-        self.add_adapter(adapter_name, peft_config, init_weights=init_weights)
+        self.add_adapter(
+            adapter_name,
+            peft_config,
+            init_weights=init_weights,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         self.set_adapter(adapter_name)
 
     # --- pass-through ----------------------------------------------------------------------
@@ -151,11 +159,22 @@ class PeftModel(nn.Module):
         return self.routing.active_adapters[0] if self.routing.active_adapters else ""
 
     def add_adapter(
-        self, adapter_name: str, peft_config: LoraConfig, *, init_weights: bool = True
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        *,
+        init_weights: bool = True,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         """Inject a new, inactive adapter; on any error the model is left unchanged.
 
-        `init_weights=False` skips initialisation, for callers that load weights right after.
+        Adapters sit on the device of the layer they wrap, in fp32 on a fp16/bf16 base unless
+        `autocast_adapter_dtype=False` (then in the base dtype). `init_weights=False` skips
+        initialisation, for callers that load weights right after. `low_cpu_mem_usage=True`
+        creates the adapter's tensors on the meta device, uninitialised and allocating
+        nothing: load weights into it (`load_adapter`, or `load_state_dict(..., assign=True)`)
+        before running it.
         """
         if adapter_name in self.peft_config:
             raise AdapterNameError(
@@ -170,7 +189,16 @@ class PeftModel(nn.Module):
         config = self._config_for(peft_config)
         model = self.get_base_model()
         plan = plan_injection(model, config)
-        apply_injection(model, plan, config, adapter_name, self.routing, init_weights)
+        apply_injection(
+            model,
+            plan,
+            config,
+            adapter_name,
+            self.routing,
+            init_weights,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         self._wrappers_changed()
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
@@ -267,15 +295,32 @@ class PeftModel(nn.Module):
         model_id: str | os.PathLike[str],
         adapter_name: str,
         is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
         allow_pickle: bool = False,
         subfolder: str | None = None,
+        **_ignored: Any,
     ) -> None:
         """Load a saved adapter under `adapter_name` (inactive; frozen unless `is_trainable`).
 
-        Only safetensors files are read unless `allow_pickle`. A file that does not fit the
-        model raises an error naming the first mismatches, and the model stays as it was.
+        Only safetensors files are read unless `allow_pickle`. The file is read onto
+        `torch_device` (default CPU), and each tensor then sits beside its layer. A file
+        that does not fit the model raises an error naming the first mismatches, and the
+        model stays as it was. `autocast_adapter_dtype` and `low_cpu_mem_usage` are
+        `add_adapter`'s; with the latter the file's tensors become the adapter's (no copy).
         """
-        load_adapter_into(self, model_id, adapter_name, is_trainable, allow_pickle, subfolder)
+        load_adapter_into(
+            self,
+            model_id,
+            adapter_name,
+            is_trainable,
+            allow_pickle,
+            subfolder,
+            torch_device=torch_device,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
 
     @classmethod
     def from_pretrained(
@@ -285,15 +330,28 @@ class PeftModel(nn.Module):
         adapter_name: str = DEFAULT_ADAPTER_NAME,
         is_trainable: bool = False,
         config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
         allow_pickle: bool = False,
         subfolder: str | None = None,
+        torch_device: str | torch.device | None = None,
         **_ignored: Any,
     ) -> PeftModel:
-        """Wrap `model` with the adapter saved in `model_id` (a folder) and return it."""
+        """Wrap `model` with the adapter saved in `model_id` (a folder) and return it.
+
+        The options are `load_adapter`'s.
+        """
         folder = Path(model_id) if subfolder is None else Path(model_id) / subfolder
         if config is None:
             config = config_from_file(read_adapter_config(folder), is_trainable)
-        peft_model = cls(model, config, adapter_name, init_weights=False)
+        peft_model = cls(
+            model,
+            config,
+            adapter_name,
+            init_weights=False,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         try:
             load_adapter_into(
                 peft_model,
@@ -303,6 +361,7 @@ class PeftModel(nn.Module):
                 allow_pickle,
                 config=config,
                 inject=False,
+                torch_device=torch_device,
             )
         except BaseException:
             peft_model.unload()
@@ -353,7 +412,7 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """Return the base model with its original modules back in place (adapters dropped)."""
         if any(layer.merged_adapters for _, layer in self._lora_layers()):
-            logger.warning("unload() unmerges merged adapters first (exact to rounding).")
+            logger.warning("unload() unmerges merged adapters first (restoring the base weights).")
             self.unmerge_adapter()
         self._wrappers_changed()
         return unwrap_model(self.get_base_model(), keep_trained_heads=False)
@@ -465,10 +524,24 @@ class PeftModel(nn.Module):
 
 
 def get_peft_model(
-    model: nn.Module, peft_config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER_NAME
+    model: nn.Module,
+    peft_config: LoraConfig,
+    adapter_name: str = DEFAULT_ADAPTER_NAME,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap `model` with a new trainable LoRA adapter; base weights are frozen."""
-    return PeftModel(model, peft_config, adapter_name=adapter_name)
+    """Wrap `model` with a new trainable LoRA adapter; base weights are frozen.
+
+    The options are `PeftModel.add_adapter`'s (fp32 adapters on half-precision bases; meta
+    tensors to be loaded later).
+    """
+    return PeftModel(
+        model,
+        peft_config,
+        adapter_name=adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )
 
 
 # ModulesToSaveWrapper is re-exported for isinstance checks by users.

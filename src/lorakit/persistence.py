@@ -24,6 +24,7 @@ from .io import (
     model_keys_for,
     save_adapter_files,
 )
+from .layers.base import LoraLayer
 
 if TYPE_CHECKING:
     from .model import PeftModel
@@ -65,30 +66,69 @@ def load_adapter_into(
     subfolder: str | None = None,
     config: LoraConfig | None = None,
     inject: bool = True,
+    torch_device: str | torch.device | None = None,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
 ) -> None:
-    """Read an adapter folder into `model` under `adapter_name` (injecting it unless told not)."""
+    """Read an adapter folder into `model` under `adapter_name` (injecting it unless told not).
+
+    The file is read onto `torch_device` (default: CPU); each tensor then goes to its layer's
+    device and adapter dtype. With `low_cpu_mem_usage`, the injected tensors are meta
+    placeholders and the file's tensors take their place, so no second copy is allocated.
+    """
     if inject and adapter_name in model.peft_config:
         raise AdapterNameError(
             f"Adapter {adapter_name!r} is already loaded; choose another adapter_name."
         )
     tensors, config_dict = load_adapter_files(
-        model_id, subfolder=subfolder, allow_pickle=allow_pickle
+        model_id,
+        subfolder=subfolder,
+        allow_pickle=allow_pickle,
+        device="cpu" if torch_device is None else torch_device,
     )
     if config is None:
         config = config_from_file(config_dict, is_trainable)
     if inject:
-        model.add_adapter(adapter_name, config, init_weights=False)
+        model.add_adapter(
+            adapter_name,
+            config,
+            low_cpu_mem_usage,
+            init_weights=False,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
     try:
-        state = model.state_dict()
+        state = model.state_dict(keep_vars=True)
         mapped = model_keys_for(tensors, adapter_name, state, source=str(model_id))
         with torch.no_grad():
             for key, tensor in mapped.items():
-                state[key].copy_(tensor)
+                _load_tensor(model, key, state[key], tensor)
     except BaseException:
         if inject:
             model.delete_adapter(adapter_name)
         raise
     model._refresh_trainable()
+
+
+def _load_tensor(model: nn.Module, key: str, target: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy `tensor` into `target`, or put it in place of a meta `target` (no copy made)."""
+    if not target.is_meta:
+        target.copy_(tensor)
+        return
+    module_path, _, tensor_name = key.rpartition(".")
+    device = _layer_device(model, module_path)
+    value = tensor.to(device=device, dtype=target.dtype)  # the file's tensor itself if it fits
+    module = model.get_submodule(module_path)
+    module._parameters[tensor_name] = nn.Parameter(value, requires_grad=target.requires_grad)
+
+
+def _layer_device(model: nn.Module, module_path: str) -> torch.device:
+    """The device of the base layer of the LoRA layer that holds `module_path`."""
+    parts = module_path.split(".")
+    for end in range(len(parts), 0, -1):
+        module = model.get_submodule(".".join(parts[:end]))
+        if isinstance(module, LoraLayer):
+            return module.base_dtype_and_device()[1]
+    raise AssertionError(f"meta tensor {module_path!r} outside a LoRA layer")
 
 
 def config_from_file(config_dict: dict[str, Any], is_trainable: bool) -> LoraConfig:

@@ -32,8 +32,13 @@ def apply_injection(
     adapter_name: str,
     routing: AdapterRouting,
     initialise_weights: bool = True,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
 ) -> None:
-    """Wrap (or extend) every planned module with the adapter `adapter_name`."""
+    """Wrap (or extend) every planned module with the adapter `adapter_name`.
+
+    The last two options are `LoraLayer.add_adapter`'s (adapter dtype, meta tensors).
+    """
     for target in plan.targets:
         module = model.get_submodule(target.key)
         if isinstance(module, LoraLayer):
@@ -50,6 +55,8 @@ def apply_injection(
             use_rslora=config.use_rslora,
             init_lora_weights=config.init_lora_weights,
             initialise_weights=initialise_weights,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
         )
     for key in plan.modules_to_save:
         module = model.get_submodule(key)

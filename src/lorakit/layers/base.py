@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import AdapterNameError, MergeError
 from ..ops.lora import lora_scale
+from ..ops.merge import MergeRecord, merge_delta, unmerge_delta
 from .init import InitFunction, initialise
 from .routing import AdapterRouting, RowGroup
 
@@ -40,6 +41,7 @@ class LoraLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.lora_dropout_p: dict[str, float] = {}
         self.merged_adapters: list[str] = []
+        self.merge_records: dict[str, MergeRecord] = {}
 
     # --- what subclasses provide -------------------------------------------------------
     def _create_adapter(
@@ -78,13 +80,23 @@ class LoraLayer(nn.Module):
         """The dense weight merging writes into."""
         return module_weight(self.base_layer)
 
-    def adapter_dtype_and_device(self) -> tuple[torch.dtype, torch.device]:
-        """Adapters live beside the base weight; half-precision bases get fp32 adapters."""
+    def base_dtype_and_device(self) -> tuple[torch.dtype, torch.device]:
+        """The dtype the base computes in and the device it sits on."""
         weight = self.base_weight()
-        dtype = weight.dtype
-        if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
+        return weight.dtype, weight.device
+
+    def adapter_dtype_and_device(
+        self, autocast_adapter_dtype: bool = True
+    ) -> tuple[torch.dtype, torch.device]:
+        """Adapters live beside the base; half-precision bases get fp32 adapters by default.
+
+        `autocast_adapter_dtype=False` keeps them in the base dtype (when it is floating).
+        """
+        dtype, device = self.base_dtype_and_device()
+        is_half = dtype in (torch.float16, torch.bfloat16)
+        if (is_half and autocast_adapter_dtype) or not dtype.is_floating_point:
             dtype = torch.float32
-        return dtype, weight.device
+        return dtype, device
 
     def add_adapter(
         self,
@@ -95,14 +107,20 @@ class LoraLayer(nn.Module):
         use_rslora: bool,
         init_lora_weights: object,
         initialise_weights: bool = True,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         """Create the tensors of a new adapter in this layer and initialise them.
 
         `initialise_weights=False` leaves them as allocated, for a load that overwrites them.
+        `low_cpu_mem_usage=True` allocates nothing: the tensors are created on the meta
+        device (uninitialised) for a load to replace with the file's tensors.
         """
         if adapter_name in self.r:
             raise AdapterNameError(f"Adapter {adapter_name!r} already exists in this layer.")
-        dtype, device = self.adapter_dtype_and_device()
+        dtype, device = self.adapter_dtype_and_device(autocast_adapter_dtype)
+        if low_cpu_mem_usage:
+            device, initialise_weights = torch.device("meta"), False
         self._create_adapter(adapter_name, r, dtype, device)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
@@ -174,21 +192,38 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str]) -> None:
-        """Add s·BA of each named adapter into the base weight (idempotent per adapter)."""
+        """Add s·BA of each named adapter into the base weight (idempotent per adapter).
+
+        The sum is taken in fp32 and rounded into the base dtype once; the few entries that
+        subtracting the delta would not restore are recorded (see `ops.merge`).
+        """
         weight = self.base_weight()
         for adapter_name in adapter_names:
             if adapter_name not in self.r or adapter_name in self.merged_adapters:
                 continue
-            weight.add_(self.get_delta_weight(adapter_name).to(weight.dtype))
+            record = merge_delta(weight, self.get_delta_weight(adapter_name))
+            self.merge_records[adapter_name] = record
             self.merged_adapters.append(adapter_name)
 
     @torch.no_grad()
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
-        """Subtract merged adapters from the base weight, newest first."""
+        """Subtract merged adapters from the base weight, newest first.
+
+        Unmerging in the reverse order of merging (the default: all of them) restores the
+        original weight bit for bit. Unmerging an adapter that others were merged on top of
+        is exact only to rounding (one of the merge plus one of the unmerge per entry), and
+        drops the records of the adapters merged after it, which no longer apply.
+        """
         weight = self.base_weight()
         names = list(self.merged_adapters) if adapter_names is None else adapter_names
-        for adapter_name in reversed(names):
-            if adapter_name not in self.merged_adapters:
+        for adapter_name in reversed(self.merged_adapters.copy()):
+            if adapter_name not in names:
                 continue
-            weight.sub_(self.get_delta_weight(adapter_name).to(weight.dtype))
+            is_last = self.merged_adapters[-1] == adapter_name
+            position = self.merged_adapters.index(adapter_name)
+            if not is_last:
+                for later in self.merged_adapters[position:]:
+                    self.merge_records.pop(later, None)
+            record = self.merge_records.pop(adapter_name, None)
+            unmerge_delta(weight, self.get_delta_weight(adapter_name), record)
             self.merged_adapters.remove(adapter_name)

@@ -20,8 +20,14 @@ def lora_scale(lora_alpha: float, r: int, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
+def _at_least_fp32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Half-precision tensors as fp32, others unchanged: deltas feed merges, which need fp32."""
+    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
+
+
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """ΔW = s · B A, shape (out, in), computed in the adapter dtype."""
+    """ΔW = s · B A, shape (out, in), computed in the adapter dtype or fp32 if that is half."""
+    A, B = _at_least_fp32(A, B)
     return (B @ A) * scale
 
 
@@ -248,7 +254,8 @@ def _add_lora_linear_reference(
     if dropout_p > 0:
         x_lora = torch.nn.functional.dropout(x_lora, dropout_p, training=True)
     update = (x_lora @ A.t()) @ B.t()
-    return result + (update * scale).to(result.dtype)
+    # Sum in the wider dtype of the two, then round into the base output's dtype once.
+    return torch.add(result, update, alpha=scale).to(result.dtype)
 
 
 def add_lora_embedding(
@@ -266,7 +273,8 @@ def conv_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.T
     """ΔW = s · B ∘ A for a conv A (r, in, *k) followed by a 1×1 conv B (out, r, 1, ...).
 
     The composition of a kernel-k conv with a 1×1 conv is one kernel-k conv whose weight is
-    ΔW[o, i, *k] = s · Σ_j B[o, j] A[j, i, *k].
+    ΔW[o, i, *k] = s · Σ_j B[o, j] A[j, i, *k], in fp32 when A and B are half precision.
     """
+    A, B = _at_least_fp32(A, B)
     B2 = B.reshape(B.shape[0], B.shape[1])  # (out, r)
     return torch.einsum("oj,j...->o...", B2, A) * scale

@@ -28,14 +28,11 @@ class LoraQuantLinear(LoraLinear):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def adapter_dtype_and_device(self) -> tuple[torch.dtype, torch.device]:
-        """Adapters in fp32 (or the compute dtype when it is fp32/fp64), beside the codes."""
+    def base_dtype_and_device(self) -> tuple[torch.dtype, torch.device]:
+        """The compute dtype of the 4-bit base and the device of its codes."""
         base = self.base_layer
         assert isinstance(base, QuantLinear)
-        dtype = base.config.compute_dtype
-        if dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
-        return dtype, base.weight_packed.device
+        return base.config.compute_dtype, base.weight_packed.device
 
     def base_weight(self) -> torch.Tensor:
         raise MergeError(
