@@ -375,8 +375,14 @@ class PeftModel(nn.Module):
         """Add s·BA of the adapters (default: the active ones) into the base weights.
 
         With `safe_merge`, every layer's merged weight is checked for NaN/inf before any is
-        written, so a broken adapter leaves the model untouched.
+        written, so a broken adapter leaves the model untouched. `unmerge_adapter` restores
+        the original weights bit for bit.
         """
+        self._merge(adapter_names, safe_merge, keep_record=True)
+
+    def _merge(
+        self, adapter_names: Sequence[str] | None, safe_merge: bool, keep_record: bool
+    ) -> None:
         names = list(self.routing.active_adapters if adapter_names is None else adapter_names)
         self._check_exist(names)
         layers = list(self._lora_layers())
@@ -391,7 +397,7 @@ class PeftModel(nn.Module):
                             "nothing was merged. Check the adapter weights."
                         )
         for _, layer in layers:
-            layer.merge(names)
+            layer.merge(names, keep_record)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights."""
@@ -405,7 +411,7 @@ class PeftModel(nn.Module):
         adapter_names: Sequence[str] | None = None,
     ) -> nn.Module:
         """Merge the adapters and return the plain base model (no lorakit module left)."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        self._merge(adapter_names, safe_merge, keep_record=False)  # never unmerged
         self._wrappers_changed()
         return unwrap_model(self.get_base_model(), keep_trained_heads=True)
 

@@ -191,18 +191,20 @@ class LoraLayer(nn.Module):
         return bool(torch.isfinite(weight + self.get_delta_weight(adapter_name)).all())
 
     @torch.no_grad()
-    def merge(self, adapter_names: list[str]) -> None:
+    def merge(self, adapter_names: list[str], keep_record: bool = True) -> None:
         """Add s·BA of each named adapter into the base weight (idempotent per adapter).
 
         The sum is taken in fp32 and rounded into the base dtype once; the few entries that
-        subtracting the delta would not restore are recorded (see `ops.merge`).
+        subtracting the delta would not restore are recorded (see `ops.merge`), unless
+        `keep_record` is False because the merge will never be undone.
         """
         weight = self.base_weight()
         for adapter_name in adapter_names:
             if adapter_name not in self.r or adapter_name in self.merged_adapters:
                 continue
-            record = merge_delta(weight, self.get_delta_weight(adapter_name))
-            self.merge_records[adapter_name] = record
+            record = merge_delta(weight, self.get_delta_weight(adapter_name), keep_record)
+            if record is not None:
+                self.merge_records[adapter_name] = record
             self.merged_adapters.append(adapter_name)
 
     @torch.no_grad()

@@ -43,15 +43,25 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merge_delta(weight: torch.Tensor, delta: torch.Tensor) -> MergeRecord:
+def merge_delta(
+    weight: torch.Tensor, delta: torch.Tensor, keep_record: bool = True
+) -> MergeRecord | None:
     """Write round(W + ΔW) into `weight` in place; return what unmerge needs beyond ΔW.
 
     Args:
         weight: W, any floating dtype, modified in place.
         delta: ΔW with W's shape, preferably fp32 (it is used in the compute dtype).
+        keep_record: False when the merge is never undone (merge_and_unload): no copy of W
+            is made and None is returned.
     """
     compute = _compute_dtype(weight.dtype)
     delta = delta.to(device=weight.device, dtype=compute)
+    if not keep_record:
+        if weight.dtype == compute:
+            weight.add_(delta)
+        else:
+            weight.copy_(weight.to(compute) + delta)  # one rounding, in copy_
+        return None
     original = weight.clone()
     weight.copy_(original.to(compute) + delta)  # one rounding, in copy_
     restored = (weight.to(compute) - delta).to(weight.dtype)
