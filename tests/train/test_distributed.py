@@ -55,8 +55,9 @@ def worker(options: dict[str, Any]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"pid-{rank}").write_text(str(os.getpid()))
     reduced_bytes: list[int] = []
+    ignored: list[str] = []
     if options["count_bytes"]:
-        _count_reduced_bytes(reduced_bytes)
+        _count_reduced_bytes(reduced_bytes, ignored)
     config = TrainConfig(
         max_steps=options["max_steps"],
         batch_size=options["batch_size"],
@@ -93,12 +94,21 @@ def worker(options: dict[str, Any]) -> None:
     Trainer(model, tokenizer, config, rows, callbacks=[after_step]).train()
     if options["count_bytes"] and rank == 0:
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        report = {"per_step": step_bytes, "model_bytes": model_bytes}
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        report = {
+            "per_step": step_bytes,
+            "model_bytes": model_bytes,
+            "ignored": ignored,
+            "frozen": frozen,
+        }
         (output_dir / BYTES_FILE).write_text(json.dumps(report))
 
 
-def _count_reduced_bytes(sink: list[int]) -> None:
-    """Make the trainer's DDP wrapper log the bytes of every bucket it all-reduces."""
+def _count_reduced_bytes(sink: list[int], ignored: list[str]) -> None:
+    """Make the trainer's DDP wrapper log the bytes of every bucket it all-reduces.
+
+    ``ignored`` receives the names DDP leaves out of its start-up broadcast.
+    """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     import lorakit.train.trainer as trainer_module
@@ -113,6 +123,7 @@ def _count_reduced_bytes(sink: list[int]) -> None:
     def wrap(*args: Any) -> Any:
         wrapped = real_wrap(*args)
         wrapped.register_comm_hook(None, counting_hook)
+        ignored.extend(sorted(wrapped.parameters_to_ignore))
         return wrapped
 
     trainer_module.wrap_model = wrap  # type: ignore[assignment]
@@ -131,33 +142,49 @@ def _environment() -> dict[str, str]:
     return env
 
 
+def _torchrun(processes: int) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    return [*launcher, "--master_port", str(_free_port())]
+
+
 def _start(output_dir: Path, processes: int, **overrides: Any) -> subprocess.Popen[bytes]:
     """torchrun with ``processes`` ranks; ``processes=0``: plain Python, no torchrun."""
     options = json.dumps({**BASE_OPTIONS, **overrides, "output_dir": str(output_dir)})
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-    launcher += ["--master_port", str(_free_port())]
-    command = (launcher if processes else [sys.executable]) + [__file__, options]
+    command = (_torchrun(processes) if processes else [sys.executable]) + [__file__, options]
+    return _popen(command, ROOT)
+
+
+def _popen(command: list[str], cwd: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         command,
-        cwd=ROOT,
+        cwd=cwd,
         env=_environment(),
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        start_new_session=True,
+        start_new_session=True,  # one process group: a timeout kills the whole launch
     )
 
 
-def _finish(process: subprocess.Popen[bytes], output_dir: Path) -> str:
-    """Wait (bounded); on a timeout kill everything the launch started."""
+def _communicate(process: subprocess.Popen[bytes]) -> tuple[str, str]:
+    """(stdout, stderr) of a launch; on a timeout, stop it and raise ``TimeoutExpired``."""
     try:
-        _, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        _kill(process, output_dir)
-        raise
-    return stderr.decode(errors="replace")
+        os.killpg(process.pid, signal.SIGTERM)  # torchrun passes it on to its workers
+        try:
+            _, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
+        pytest.fail(f"the launch hung for {RUN_TIMEOUT_S} s: {stderr.decode()[-4000:]}")
+    return stdout.decode(errors="replace"), stderr.decode(errors="replace")
 
 
-def _kill(process: subprocess.Popen[bytes], output_dir: Path) -> None:
+def _finish(process: subprocess.Popen[bytes]) -> str:
+    return _communicate(process)[1]
+
+
+def _kill(process: subprocess.Popen[bytes], output_dir: Path) -> str:
     """SIGKILL the launcher's process group and every worker it wrote a pid file for."""
     pids = [int(path.read_text()) for path in output_dir.glob("pid-*")]
     os.killpg(process.pid, signal.SIGKILL)
@@ -166,12 +193,12 @@ def _kill(process: subprocess.Popen[bytes], output_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             continue
-    process.communicate(timeout=30)
+    return process.communicate(timeout=30)[1].decode(errors="replace")
 
 
 def _run(output_dir: Path, processes: int, **overrides: Any) -> str:
     process = _start(output_dir, processes, **overrides)
-    stderr = _finish(process, output_dir)
+    stderr = _finish(process)
     assert process.returncode == 0, stderr[-4000:]
     return stderr
 
@@ -216,11 +243,14 @@ def test_only_adapter_gradients_are_all_reduced(two_process_run: Path) -> None:
     assert adapter_bytes == 4 * 2 * (4 * 32 + 32 * 4 + 4 * 32 + 16 * 4)
     assert report["per_step"] == [adapter_bytes] * BASE_OPTIONS["max_steps"]  # once a step
     assert adapter_bytes * 20 < report["model_bytes"]
+    # DDP's start-up broadcast skips the frozen base weights: only the adapter is sent.
+    assert len(report["frozen"]) > 10 and set(report["frozen"]) <= set(report["ignored"])
+    assert not [name for name in report["ignored"] if "lora_" in name]
 
 
 def test_a_failing_rank_ends_the_whole_run_with_its_message(tmp_path: Path) -> None:
     process = _start(tmp_path, 2, fail_rank=1, save_steps=None)
-    stderr = _finish(process, tmp_path)  # a hang would raise TimeoutExpired
+    stderr = _finish(process)  # a hang would raise TimeoutExpired
     assert process.returncode != 0
     assert "deliberate failure in rank 1" in stderr
     assert "rank 1 of 2 failed" in stderr
@@ -234,8 +264,8 @@ def test_killed_run_resumes_under_torchrun_to_the_same_adapter(tmp_path: Path) -
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not (interrupted / PAUSE_MARKER).exists():
         if process.poll() is not None or time.monotonic() > deadline:
-            _kill(process, interrupted)
-            pytest.fail(f"the run ended or hung before pausing: {process.stderr!r}")
+            stderr = _kill(process, interrupted)
+            pytest.fail(f"the run ended or hung before pausing: {stderr[-4000:]}")
         time.sleep(0.2)
     _kill(process, interrupted)
     checkpoints = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
@@ -246,6 +276,28 @@ def test_killed_run_resumes_under_torchrun_to_the_same_adapter(tmp_path: Path) -
     assert whole.keys() == resumed.keys()
     for name, tensor in whole.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_lorakit_train_command_under_torchrun(tmp_path: Path) -> None:
+    from tiny_models import tiny_llama
+    from train.conftest import CAUSAL_CORPUS, build_causal_tokenizer
+
+    tokenizer = build_causal_tokenizer()
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in CAUSAL_CORPUS)
+    )
+    arguments = "--model model --train-data train.jsonl --target-modules q_proj,v_proj "
+    arguments += "--max-steps 2 --batch-size 1 --logging-steps 1 --output-dir out"
+    command = [*_torchrun(2), "-m", "lorakit", "train", *arguments.split()]
+    process = _popen(command, tmp_path)
+    stdout, stderr = _communicate(process)
+    assert process.returncode == 0, stderr[-4000:]
+    assert stdout.count("trainable_params") == 1  # rank 0 prints the summary
+    events = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert [event["step"] for event in events] == [1, 2]
+    assert len(_adapter(tmp_path / "out")) == 8  # A and B of q_proj, v_proj in 2 layers
 
 
 if __name__ == "__main__":
