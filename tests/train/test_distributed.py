@@ -37,6 +37,7 @@ BASE_OPTIONS: dict[str, Any] = {
     "pause_after": 0,
     "fail_rank": -1,
     "count_bytes": False,
+    "gradient_checkpointing": False,
 }
 
 
@@ -70,6 +71,7 @@ def worker(options: dict[str, Any]) -> None:
         save_total_limit=3,
         logging_steps=1,
         seed=3,
+        gradient_checkpointing=options["gradient_checkpointing"],
         output_dir=str(output_dir),
         resume=True,
     )
@@ -131,7 +133,7 @@ def _count_reduced_bytes(sink: list[int], ignored: list[str]) -> None:
 
 def _free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))  # all interfaces, as torchrun's store binds
         return int(sock.getsockname()[1])
 
 
@@ -211,9 +213,12 @@ def _adapter(output_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A 2-rank run (per-rank batch 2 x 2 ranks x 2 accumulated) counting reduced bytes."""
+    """A 2-rank run (per-rank batch 2 x 2 ranks x 2 accumulated) counting reduced bytes.
+
+    With gradient checkpointing (reentrant, so DDP's hooks fire in nested backward passes).
+    """
     output_dir = tmp_path_factory.mktemp("ddp")
-    _run(output_dir, 2, count_bytes=True)
+    _run(output_dir, 2, count_bytes=True, gradient_checkpointing=True)
     yield output_dir
 
 
