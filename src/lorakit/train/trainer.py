@@ -196,7 +196,7 @@ class Trainer:
     ) -> None:
         config, state = self.config, self.state
         total_micro = None if config.max_steps else config.epochs * len(loader)
-        progress = Progress(total_steps, state.step)
+        progress = Progress(total_steps, state.step, is_shown=self.run.is_main)
         batches = _endless(loader)
         window = LogWindow()
         try:
