@@ -6,6 +6,7 @@ The config file (YAML or JSON) holds ``TrainConfig`` options plus the run's inpu
 ``train_data``, ``eval_data``, ``task``, ``target_modules``, ``r``, ``lora_alpha``,
 ``lora_dropout``. Errors a person can fix (a missing file, a bad row or option) are printed
 without a traceback and exit with status 2; a run stopped by a non-finite loss exits with 1.
+Under ``torchrun`` every process is one rank of a data-parallel run (``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def _train(inputs: dict[str, Any], train_options: dict[str, Any]) -> dict[str, A
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``lorakit train``; return the exit status (0 ok, 1 run failed, 2 bad input)."""
+    from ..train.distributed import detect_launch
     from ..train.reporting import format_summary
     from ..train.train_errors import NonFiniteLossError
 
@@ -179,11 +181,13 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         inputs, train_options = _options(args)
         summary = _train(inputs, train_options)
+        is_main = detect_launch().is_main  # under torchrun, rank 0 prints the summary
     except NonFiniteLossError as error:
         print(f"lorakit train: {error}", file=sys.stderr)
         return RUN_FAILED
     except (LorakitError, FileNotFoundError) as error:
         print(f"lorakit train: error: {error}", file=sys.stderr)
         return USAGE_ERROR
-    print(format_summary(summary))
+    if is_main:
+        print(format_summary(summary))
     return 0

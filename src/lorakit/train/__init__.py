@@ -5,11 +5,17 @@ the trainer's public API is re-exported here.
 """
 
 from .config import TrainConfig, load_train_config
-from .train_errors import CheckpointError, NonFiniteLossError, TrainConfigError
+from .train_errors import (
+    CheckpointError,
+    DistributedSetupError,
+    NonFiniteLossError,
+    TrainConfigError,
+)
 from .trainer import Trainer, TrainerState, finetune
 
 __all__ = [
     "CheckpointError",
+    "DistributedSetupError",
     "NonFiniteLossError",
     "TrainConfig",
     "TrainConfigError",

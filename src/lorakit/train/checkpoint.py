@@ -117,6 +117,7 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
     keep: int,
+    extra_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint for ``state["step"]`` atomically, then keep the newest ``keep``.
 
@@ -127,6 +128,8 @@ def save_checkpoint(
         scheduler: Its learning-rate scheduler.
         state: JSON-like trainer state with at least ``step``; RNG states are added here.
         keep: How many checkpoints to keep.
+        extra_state: Tensors and objects for ``trainer_state.pt`` only (e.g. every rank's RNG
+            states), left out of the readable ``trainer_state.json``.
 
     Returns:
         The checkpoint folder.
@@ -147,7 +150,8 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), temp / "optimizer.pt")
     torch.save(scheduler.state_dict(), temp / "scheduler.pt")
     (temp / STATE_JSON).write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
-    torch.save({**state, "rng": capture_rng_state()}, temp / STATE_FILE)  # last: marks whole
+    full_state = {**state, **(extra_state or {}), "rng": capture_rng_state()}
+    torch.save(full_state, temp / STATE_FILE)  # last: marks whole
     if target.exists():
         _remove(target)
     os.replace(temp, target)

@@ -57,14 +57,18 @@ class MetricsLog:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain log lines (at logging steps) otherwise."""
+    """A tqdm bar on a terminal; plain log lines (at logging steps) otherwise.
 
-    def __init__(self, total_steps: int, initial_step: int) -> None:
+    ``is_shown=False`` (ranks other than 0 of a distributed run) shows nothing.
+    """
+
+    def __init__(self, total_steps: int, initial_step: int, is_shown: bool = True) -> None:
         self.total_steps = total_steps
         self.initial_step = initial_step
+        self.is_shown = is_shown
         self.started = time.perf_counter()
         self.bar: Any = None
-        if sys.stderr.isatty():
+        if is_shown and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm
             except ImportError:
@@ -87,7 +91,7 @@ class Progress:
 
     def line(self, step: int, loss: float, learning_rate: float, tokens_per_second: float) -> None:
         """A plain progress line at a logging step, when there is no bar."""
-        if self.bar is None:
+        if self.is_shown and self.bar is None:
             logger.info(
                 "step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  ETA %s",
                 step,

@@ -19,3 +19,7 @@ class NonFiniteLossError(LorakitError, RuntimeError):
 
 class CheckpointError(LorakitError, ValueError):
     """A checkpoint is missing, unreadable, or does not fit the run resuming from it."""
+
+
+class DistributedSetupError(LorakitError, RuntimeError):
+    """A ``torchrun`` launch whose environment or process group training cannot use."""

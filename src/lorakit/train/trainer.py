@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from .checkpoint import (
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_FOLDER,
     TrainerState,
+    capture_rng_state,
     check_resume_config,
     load_checkpoint,
     resolve_resume,
@@ -26,6 +29,16 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import BatchLoader, TokenizedDataset, make_loader
+from .distributed import (
+    SINGLE_PROCESS,
+    DistributedRun,
+    detect_launch,
+    gradient_sync,
+    start_process_group,
+    stop_process_group,
+    training_device,
+    wrap_model,
+)
 from .evaluation import autocast_context, evaluate, label_count, main_metric
 from .inputs import resolve_datasets
 from .reading import DataSource
@@ -35,6 +48,7 @@ from .reporting import (
     LogWindow,
     MetricsLog,
     Progress,
+    build_summary,
     write_run_outputs,
 )
 from .schedule import build_optimizer, build_scheduler
@@ -42,6 +56,9 @@ from .tokenizing import Tokenizer
 from .train_errors import NonFiniteLossError
 
 logger = logging.getLogger("lorakit.train")
+
+# Key of every rank's RNG states in a checkpoint of a run on many processes.
+RANK_RNG_KEY = "rng_by_rank"
 
 
 def _endless(loader: BatchLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -84,6 +101,8 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.callbacks = list(callbacks)
         self.state = TrainerState()
+        self.run: DistributedRun = SINGLE_PROCESS
+        self.training_model: nn.Module = model  # the DDP wrapper on many processes
         self.log: MetricsLog | None = None
         self._clock = time.perf_counter()
 
@@ -97,18 +116,47 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run (or resume) training; save the adapter, plot and summary.
 
+        Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) this process is one
+        rank of a data-parallel run: see ``lorakit.train.distributed``. Only rank 0 writes
+        files; the process group is stopped at the end and on error.
+
         Returns:
             The summary (also written to ``<output_dir>/summary.json``).
 
         Raises:
             NonFiniteLossError: The loss became NaN/inf; the last good checkpoint is kept.
             CheckpointError: ``resume`` names no checkpoint, or one that does not fit.
+            DistributedSetupError: A ``torchrun`` environment training cannot use.
         """
-        config = self.config
-        seed_everything(config.seed)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        run = detect_launch()
+        device = training_device(run, self.model)
+        is_started = start_process_group(run, device)
+        try:
+            if device != self.device:
+                self.model.to(device)
+                self.device = device
+            self.run = run
+            return self._train()
+        except Exception as error:
+            if run.is_distributed:
+                logger.error("rank %d of %d failed: %r", run.rank, run.world_size, error)
+            raise
+        finally:
+            if is_started:
+                stop_process_group()
+
+    def _train(self) -> dict[str, Any]:
+        config, run = self.config, self.run
+        seed_everything(config.seed + run.rank)  # rank 0 draws what a single process draws
+        if run.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         loader = make_loader(
-            self.train_dataset, self.tokenizer, batch_size=config.batch_size, seed=config.seed
+            self.train_dataset,
+            self.tokenizer,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            rank=run.rank,
+            world_size=run.world_size,
         )
         total_steps = self.total_steps(len(loader))
         optimizer = build_optimizer(self.model, config)
@@ -126,10 +174,12 @@ class Trainer:
             check_resume_config(saved.get("config", {}), config.to_dict(), resume_path)
             loader.load_state_dict(saved["loader"])
             self.state = TrainerState(**saved["trainer"])
-            rng_state = saved["rng"]
+            rng_state = saved.get(RANK_RNG_KEY, [saved["rng"]])[run.rank]
             logger.info("resuming from %s at step %d", resume_path, self.state.step)
         keep = self.state.step if resume_path is not None else None
-        self.log = MetricsLog(self.output_dir / METRICS_FILE, keep_until_step=keep)
+        if run.is_main:
+            self.log = MetricsLog(self.output_dir / METRICS_FILE, keep_until_step=keep)
+        self.training_model = wrap_model(self.model, run, self.device)
         if rng_state is not None:
             restore_rng_state(rng_state)  # last: nothing after this may draw random numbers
         self._clock = time.perf_counter() - self.state.elapsed
@@ -146,7 +196,7 @@ class Trainer:
     ) -> None:
         config, state = self.config, self.state
         total_micro = None if config.max_steps else config.epochs * len(loader)
-        progress = Progress(total_steps, state.step)
+        progress = Progress(total_steps, state.step, is_shown=self.run.is_main)
         batches = _endless(loader)
         window = LogWindow()
         try:
@@ -190,22 +240,29 @@ class Trainer:
         """
         batches = [{key: value.to(self.device) for key, value in b.items()} for b in group]
         counts = [label_count(batch, self.task) for batch in batches]
-        total = sum(counts)
+        (total,) = self.run.sum([sum(counts)], self.device)  # label items of all ranks
         if total == 0:
             raise ValueError(
                 f"step {self.state.step + 1}: the batch has no label to train on (all -100); "
                 "check max_length and the rows' completions."
             )
-        step_loss = 0.0
-        for batch, count in zip(batches, counts, strict=True):
-            if count == 0:
+        loss_sum = 0.0  # this rank's sum of micro-batch mean loss x label items
+        for index, (batch, count) in enumerate(zip(batches, counts, strict=True)):
+            is_last = index == len(batches) - 1
+            if count == 0 and not (is_last and self.run.is_distributed):
                 continue
-            with autocast_context(self.device, self.config.precision):
-                loss = self.model(**batch).loss
-            if not torch.isfinite(loss):
-                self._fail_non_finite("loss", float(loss.detach()))
-            (loss * (count / total)).backward()
-            step_loss += float(loss.detach()) * count / total
+            with gradient_sync(self.training_model, is_last):
+                with autocast_context(self.device, self.config.precision):
+                    output = self.training_model(**batch)
+                if count == 0:  # every rank must join the last backward (it reduces)
+                    (output.logits.sum() * 0.0).backward()
+                    continue
+                loss = output.loss
+                if not torch.isfinite(loss):
+                    self._fail_non_finite("loss", float(loss.detach()))
+                # DDP averages gradients over ranks; x world_size turns that into the sum.
+                (loss * (count * self.run.world_size / total)).backward()
+            loss_sum += float(loss.detach()) * count
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         limit = self.config.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
@@ -213,8 +270,9 @@ class Trainer:
             self._fail_non_finite("gradient norm", grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
-        return step_loss, grad_norm, tokens
+        local_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+        loss_sum, tokens = self.run.sum([loss_sum, local_tokens], self.device)
+        return loss_sum / total, grad_norm, int(tokens)
 
     def _fail_non_finite(self, what: str, value: float) -> None:
         step = self.state.step + 1
@@ -228,6 +286,8 @@ class Trainer:
 
     def _maybe_evaluate(self, total_steps: int) -> None:
         step, every = self.state.step, self.config.eval_steps
+        if not self.run.is_main:  # rank 0 evaluates the whole set; the others wait for it
+            return
         if self.eval_dataset is None or not (step == total_steps or (every and step % every == 0)):
             return
         loader = make_loader(
@@ -247,6 +307,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
     ) -> None:
+        rng_by_rank = self.run.gather(capture_rng_state())  # every rank joins
         state = dataclasses.replace(self.state, elapsed=self.elapsed())
         payload = {
             "step": state.step,
@@ -254,9 +315,19 @@ class Trainer:
             "trainer": dataclasses.asdict(state),
             "config": self.config.to_dict(),
         }
-        path = save_checkpoint(
-            self.output_dir, self.model, optimizer, scheduler, payload, self.config.save_total_limit
-        )
+        path = self.output_dir / CHECKPOINTS_FOLDER / f"{CHECKPOINT_PREFIX}{state.step}"
+        if self.run.is_main:
+            extra = {RANK_RNG_KEY: rng_by_rank} if self.run.is_distributed else None
+            path = save_checkpoint(
+                self.output_dir,
+                self.model,
+                optimizer,
+                scheduler,
+                payload,
+                self.config.save_total_limit,
+                extra,
+            )
+        self.run.barrier()  # no rank runs ahead of a checkpoint that is not written yet
         self.state.last_checkpoint = str(path)
 
     def elapsed(self) -> float:
@@ -264,10 +335,14 @@ class Trainer:
         return time.perf_counter() - self._clock
 
     def _write(self, event: dict[str, Any]) -> None:
+        if not self.run.is_main:  # rank 0 keeps the log
+            return
         assert self.log is not None, "the metrics log is opened by train()"
         self.log.write(event)
 
     def _finish(self) -> dict[str, Any]:
+        if not self.run.is_main:  # files are rank 0's; the others report their counters
+            return build_summary(self.model, self.state, main_metric(self.task)[0], [])
         self.model.save_pretrained(self.output_dir / ADAPTER_FOLDER)  # type: ignore[operator]
         events = self.log.events if self.log is not None else []
         return write_run_outputs(

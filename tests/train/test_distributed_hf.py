@@ -1,0 +1,69 @@
+"""A lorakit ``PeftModel`` trains under ``transformers.Trainer`` on 2 ranks (torchrun, gloo).
+
+``transformers.Trainer`` does its own DDP wrapping through accelerate; this checks that a lorakit
+model goes through it: both ranks see world size 2 and rank 0 saves an adapter that moved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.test_distributed import ROOT, _adapter, _communicate, _popen, _torchrun
+
+
+def worker(output_dir: str) -> None:
+    """Train 2 steps with ``transformers.Trainer``; rank 0 saves the adapter."""
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+    torch.set_num_threads(1)
+    import transformers
+
+    from lorakit import LoraConfig, get_peft_model
+    from tiny_models import tiny_llama
+    from train.conftest import CAUSAL_CORPUS, build_causal_tokenizer
+
+    tokenizer = build_causal_tokenizer()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(tiny_llama(vocab_size=len(tokenizer)), lora)
+    rows = []
+    for text in CAUSAL_CORPUS * 2:
+        ids = tokenizer(text)["input_ids"]
+        rows.append({"input_ids": ids, "labels": ids})
+    arguments = transformers.TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=1,
+        max_steps=2,
+        learning_rate=0.01,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+    )
+    trainer = transformers.Trainer(model=model, args=arguments, train_dataset=rows)
+    trainer.train()
+    rank = os.environ["RANK"]
+    report = {"world_size": trainer.args.world_size, "mode": str(trainer.args.parallel_mode)}
+    Path(output_dir, f"rank-{rank}.json").write_text(json.dumps(report))
+    if trainer.is_world_process_zero():
+        model.save_pretrained(Path(output_dir) / "adapter")
+
+
+def test_transformers_trainer_runs_a_peft_model_on_two_ranks(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    process = _popen([*_torchrun(2), __file__, str(tmp_path)], ROOT)
+    _, stderr = _communicate(process)
+    assert process.returncode == 0, stderr[-4000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert report == {"world_size": 2, "mode": "ParallelMode.DISTRIBUTED"}
+    adapter = _adapter(tmp_path)
+    assert len(adapter) == 8
+    assert all(adapter[name].abs().max() > 0 for name in adapter if "lora_B" in name)  # from 0
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
