@@ -141,12 +141,13 @@ def _environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
     env["OMP_NUM_THREADS"] = "1"
+    env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo talks over loopback only
     return env
 
 
 def _torchrun(processes: int) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-    return [*launcher, "--master_port", str(_free_port())]
+    return [*launcher, "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
 
 
 def _start(output_dir: Path, processes: int, **overrides: Any) -> subprocess.Popen[bytes]:
