@@ -10,7 +10,7 @@ import torch
 from lorakit import BASE_ADAPTER_NAME, LoraConfig, PeftModel, get_peft_model
 from lorakit.errors import AdapterNameError, MergeError
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
-from tiny_models import tiny_llama, token_batch
+from tiny_models import tiny_llama, token_batch, train_causal_lm
 
 MERGE_RTOL = 1e-5  # fp32: merged W + s·BA rounds differently from the two-matmul path
 UNMERGE_ATOL = 1e-6  # fp32: (W + Δ) - Δ returns W up to one rounding of |W + Δ|
@@ -152,16 +152,7 @@ def test_training_changes_only_trainable_tensors() -> None:
     model = _adapted(lora_dropout=0.1)
     frozen = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
     trainable = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = token_batch(batch=4, length=12)
-    model.train()
-    losses = []
-    for _ in range(8):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_causal_lm(model, steps=8)
     assert losses[-1] < losses[0]
     for key, value in model.named_parameters():
         if key in frozen:

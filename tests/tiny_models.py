@@ -102,3 +102,18 @@ def minilm_path() -> Path:
 def token_batch(batch: int = 2, length: int = 7, vocab_size: int = 128) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, vocab_size, (batch, length), generator=generator)
+
+
+def train_causal_lm(model: torch.nn.Module, steps: int, lr: float = 1e-2) -> list[float]:
+    """AdamW steps on the trainable parameters of a causal LM over one fixed batch; losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ids = token_batch(batch=4, length=12)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

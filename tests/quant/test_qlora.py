@@ -11,7 +11,7 @@ import torch
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.errors import MergeError
 from lorakit.quant import LoraQuantLinear, QuantConfig, QuantLinear, quantize_model_linears
-from tiny_models import tiny_llama, token_batch
+from tiny_models import tiny_llama, token_batch, train_causal_lm
 
 EXACT = 1e-5  # fp32: the dequantized matmul runs in pieces, the hand computation in one
 
@@ -42,16 +42,7 @@ def test_quantized_layers_are_wrapped_and_match_hand_computation() -> None:
 def test_training_changes_only_adapters_and_keeps_codes_bit_identical() -> None:
     _, model = _qlora()
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = token_batch(batch=4, length=12)
-    model.train()
-    losses = []
-    for _ in range(6):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_causal_lm(model, steps=6)
     assert losses[-1] < losses[0]
     after = model.state_dict()
     assert any("weight_packed" in k for k in frozen)
