@@ -7,10 +7,10 @@ the steps cross epoch ends. Each subprocess is bounded by a timeout, so a hang f
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,6 +51,7 @@ def worker(options: dict[str, Any]) -> None:
     from tiny_models import tiny_llama
     from train.conftest import CAUSAL_CORPUS, build_causal_tokenizer
 
+    faulthandler.dump_traceback_later(RUN_TIMEOUT_S - 20)  # a hung rank shows where it waits
     rank = int(os.environ.get("RANK", "0"))
     output_dir = Path(options["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -131,12 +132,6 @@ def _count_reduced_bytes(sink: list[int], ignored: list[str]) -> None:
     trainer_module.wrap_model = wrap  # type: ignore[assignment]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))  # all interfaces, as torchrun's store binds
-        return int(sock.getsockname()[1])
-
-
 def _environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
@@ -147,7 +142,8 @@ def _environment() -> dict[str, str]:
 
 def _torchrun(processes: int) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-    return [*launcher, "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    # --standalone: torchrun binds its own free port, so parallel launches never share one.
+    return [*launcher, "--standalone"]
 
 
 def _start(output_dir: Path, processes: int, **overrides: Any) -> subprocess.Popen[bytes]:
@@ -179,7 +175,8 @@ def _communicate(process: subprocess.Popen[bytes]) -> tuple[str, str]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             _, stderr = process.communicate()
-        pytest.fail(f"the launch hung for {RUN_TIMEOUT_S} s: {stderr.decode()[-4000:]}")
+        text = stderr.decode(errors="replace")
+        pytest.fail(f"the launch hung for {RUN_TIMEOUT_S} s:\n{text[:3000]}\n...\n{text[-3000:]}")
     return stdout.decode(errors="replace"), stderr.decode(errors="replace")
 
 
