@@ -4,8 +4,9 @@ Model: the real all-MiniLM-L6-v2 (sequence classification, 2 labels), batch 32 x
 LoRA r=8 alpha=16 on query,value, AdamW lr 1e-4, no dropout, no evaluation or saving inside
 the timed steps. Each round runs a fresh short training run of each library (interleaved);
 the time of an optimizer step comes from per-step callbacks, data collation included, the
-first steps of each run dropped. Then peak RSS of LoRA vs full fine-tuning (lorakit Trainer),
-one child process each.
+first steps of each run dropped. A third case, the floor, runs the frozen base with only the
+classifier training (input gradients through every layer): no LoRA loop can beat it.
+Then peak RSS of LoRA vs full fine-tuning (lorakit Trainer), one child process each.
 
   python benchmarks/bench_train_loop.py [--rounds 5] [--steps 12]
 """
@@ -57,13 +58,28 @@ def base_model() -> Any:
     return auto.from_pretrained(minilm_dir(), num_labels=2)
 
 
-def lorakit_run(data: list[dict[str, Any]], steps: int, lora: bool = True) -> list[float]:
+def frozen_floor(model: Any) -> Any:
+    """The base with every weight frozen but the classifier, backward reaching the inputs.
+
+    The step time of this model is what any LoRA loop pays before its adapters: the encoder's
+    forward and an input-gradient backward through all layers, the head's update and the loop.
+    """
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("classifier"))
+    model.enable_input_require_grads()
+    return model
+
+
+def lorakit_run(data: list[dict[str, Any]], steps: int, lora: bool | None = True) -> list[float]:
+    """Step times of lorakit's Trainer; ``lora=False``: full fine-tuning; ``None``: the floor."""
     import lorakit
     from lorakit.train import TrainConfig, Trainer
 
     tokenizer = _tokenizer()
     model = base_model()
-    if lora:
+    if lora is None:
+        model = frozen_floor(model)
+    elif lora:
         config = lorakit.LoraConfig(
             task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"]
         )
@@ -146,16 +162,26 @@ def main(argv: list[str]) -> None:
     harness.pin_threads(2)
     harness.print_machine(["python", "benchmarks/bench_train_loop.py", *argv])
     data = rows()
-    times: dict[str, list[float]] = {"lorakit Trainer": [], "transformers.Trainer + peft": []}
+    times: dict[str, list[float]] = {
+        "lorakit Trainer": [],
+        "transformers.Trainer + peft": [],
+        "floor: frozen base, head only (lorakit Trainer)": [],
+    }
     for _ in range(args.rounds):
         times["lorakit Trainer"] += lorakit_run(data, args.steps)
         times["transformers.Trainer + peft"] += transformers_peft_run(data, args.steps)
+        times["floor: frozen base, head only (lorakit Trainer)"] += lorakit_run(
+            data, args.steps, lora=None
+        )
     print("\n| loop | median step | samples/s |\n|---|---|---|")
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, median in medians.items():
         print(f"| {name} | {median * 1e3:.1f} ms | {BATCH / median:.1f} |")
     ratio = medians["transformers.Trainer + peft"] / medians["lorakit Trainer"]
     print(f"\nlorakit / (transformers.Trainer + peft) throughput: {ratio:.3f} (target >= 1.1)")
+    floor = medians["floor: frozen base, head only (lorakit Trainer)"]
+    best = medians["transformers.Trainer + peft"] / floor
+    print(f"best reachable with adapters that cost nothing (peft loop / floor): {best:.3f}")
     print("\n| run (lorakit Trainer) | peak RSS | after imports |\n|---|---|---|")
     for case in ("lora", "full"):
         child = harness.run_child([str(Path(__file__).resolve()), "--child", case, "--steps", "8"])
