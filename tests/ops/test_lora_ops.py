@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorakit.ops.dropout import draw_seed, drop_mask
+from lorakit.ops.dropout import draw_seed, drop_mask, pack_mask, unpack_mask
 from lorakit.ops.lora import add_lora_linear, conv_delta_weight, delta_weight, lora_scale
 
 EXACT = 1e-10  # float64 hand computation: only summation order differs
@@ -112,6 +112,17 @@ def test_drop_mask_is_deterministic_and_has_rate_p() -> None:
     # 200k Bernoulli(0.3) draws: standard error 0.001, so 5 sigma is 0.005.
     assert abs(drop_rate - 0.3) < 0.005
     assert not drop_mask(shape, 0.0, seed=5, device=torch.device("cpu")).any()
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 21), p=st.floats(0.0, 1.0), seed=st.integers(0))
+def test_packed_mask_round_trips_at_one_bit_per_element(
+    rows: int, cols: int, p: float, seed: int
+) -> None:
+    dropped = drop_mask((rows, cols), p, seed, torch.device("cpu"))
+    saved = pack_mask(dropped)
+    assert saved.dtype == torch.uint8 and saved.numel() == math.ceil(rows * cols / 8)
+    assert torch.equal(unpack_mask(saved, (rows, cols)), dropped)
 
 
 def test_conv_delta_weight_composes_kernels() -> None:

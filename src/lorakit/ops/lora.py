@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .dropout import DropoutDraw, SharedDropout, new_draw
+from .dropout import DropoutDraw, SharedDropout, new_draw, rebuild
 
 
 def lora_scale(lora_alpha: float, r: int, use_rslora: bool) -> float:
@@ -37,17 +37,17 @@ def _draw_for(x: torch.Tensor, p: float, shared: SharedDropout | None) -> Dropou
     return new_draw(x, p) if shared is None else shared.draw(x, p)
 
 
-def _kept_input(
-    x2: torch.Tensor, dropped: torch.Tensor, seed: int, shared: SharedDropout | None
-) -> torch.Tensor:
-    return x2.masked_fill(dropped, 0) if shared is None else shared.kept_input(x2, dropped, seed)
+def _rebuild(
+    x2: torch.Tensor, saved_mask: torch.Tensor, seed: int, shared: SharedDropout | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rebuild(x2, saved_mask, seed) if shared is None else shared.rebuild(x2, saved_mask, seed)
 
 
 class _LoraUpdate(torch.autograd.Function):
     """y = y_base + c · x_kept A^T B^T added to any base output, in one fused addmm.
 
-    Saves x (which the base usually keeps anyway), A, B, the small u and, with dropout, the
-    bool mask; the dropped input is rebuilt in backward rather than stored.
+    Saves x, A, B, the small u and, with dropout, the packed mask; the dropped input is
+    rebuilt in backward rather than stored.
     """
 
     @staticmethod
@@ -130,9 +130,9 @@ def _save(
     shared: SharedDropout | None,
     W: torch.Tensor | None = None,
 ) -> None:
-    dropped = draw.dropped if draw is not None else torch.empty(0, dtype=torch.bool)
+    saved_mask = draw.saved_mask if draw is not None else torch.empty(0, dtype=torch.bool)
     extra = () if W is None else (W,)
-    ctx.save_for_backward(x, A, B, u, dropped, *extra)
+    ctx.save_for_backward(x, A, B, u, saved_mask, *extra)
     ctx.c, ctx.shared = c, shared
     ctx.seed = draw.seed if draw is not None else None
 
@@ -147,21 +147,23 @@ def _lora_grads(
     W: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of the LoRA term; with W, the base's input-gradient g W is added in."""
-    x, A, B, u, dropped = saved[:5]
+    x, A, B, u, saved_mask = saved[:5]
     c, seed = ctx.c, ctx.seed
     g = grad.reshape(-1, grad.shape[-1])  # (N, out)
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     grad_x = grad_A = grad_B = None
+    dropped = kept = None
+    if seed is not None and (need_x or need_A):
+        dropped, kept = _rebuild(x2, saved_mask, seed, ctx.shared)
     if need_B:
         grad_B = (u.t() @ g).mul_(c).t().contiguous()  # (out, r); MKL is faster this way round
     if need_x or need_A:
         grad_u = (g @ B).mul_(c)  # (N, r)
         if need_A:
-            kept = x2 if seed is None else _kept_input(x2, dropped, seed, ctx.shared)
-            grad_A = grad_u.t() @ kept  # (r, in)
+            grad_A = grad_u.t() @ (x2 if kept is None else kept)  # (r, in)
         if need_x:
             lora_grad = grad_u @ A  # (N, in)
-            if seed is not None:
+            if dropped is not None:
                 lora_grad.masked_fill_(dropped, 0)
             if W is not None:
                 lora_grad.addmm_(g, W)  # + g W: the base's input-gradient, same pass
