@@ -175,6 +175,10 @@ class PeftModel(nn.Module):
         creates the adapter's tensors on the meta device, uninitialised and allocating
         nothing: load weights into it (`load_adapter`, or `load_state_dict(..., assign=True)`)
         before running it.
+
+        With `init_lora_weights="loftq"` (and weights to initialise) the targeted
+        full-precision linear layers become 4-bit `QuantLinear`s and the adapter starts at
+        the LoftQ factors; see `lorakit.quant.loftq`.
         """
         if adapter_name in self.peft_config:
             raise AdapterNameError(
@@ -189,16 +193,23 @@ class PeftModel(nn.Module):
         config = self._config_for(peft_config)
         model = self.get_base_model()
         plan = plan_injection(model, config)
-        apply_injection(
-            model,
-            plan,
-            config,
-            adapter_name,
-            self.routing,
-            init_weights,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-        )
+        if config.init_lora_weights == "loftq" and init_weights and not low_cpu_mem_usage:
+            from .inject.loftq import apply_loftq_injection  # imports lorakit.quant
+
+            apply_loftq_injection(
+                model, plan, config, adapter_name, self.routing, autocast_adapter_dtype
+            )
+        else:
+            apply_injection(
+                model,
+                plan,
+                config,
+                adapter_name,
+                self.routing,
+                init_weights,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
         self._wrappers_changed()
         self.peft_config[adapter_name] = config
         self._refresh_trainable()

@@ -65,6 +65,8 @@ def initialise(
     if function is None:
         raise ConfigError(
             f"init_lora_weights={option!r} cannot initialise this layer here; allowed values "
-            f"are {list(table)}. LoftQ needs the quantized-base workflow (lorakit.quant)."
+            f"are {list(table)}. 'loftq' is applied by get_peft_model / "
+            "PeftModel.add_adapter to full-precision torch.nn.Linear and transformers Conv1D "
+            "layers, which it replaces by 4-bit QuantLinear (see lorakit.quant.loftq)."
         )
     function(A, B, r)
