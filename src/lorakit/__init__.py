@@ -12,6 +12,7 @@ from .auto import (
 from .config import LoftQConfig, LoraConfig, TaskType
 from .constants import BASE_ADAPTER_NAME
 from .model import LoraModel, PeftModel, get_peft_model
+from .utils import hotswap_adapter
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "PeftModel",
     "TaskType",
     "get_peft_model",
+    "hotswap_adapter",
 ]

@@ -33,6 +33,10 @@ class MergeError(LorakitError, RuntimeError):
     """Merging would write wrong numbers (NaN/inf) or the state does not allow it."""
 
 
+class HotswapError(LorakitError, ValueError):
+    """An adapter file cannot replace an existing adapter's weights in place."""
+
+
 def closest_names(name: str, candidates: Iterable[str], limit: int = 5) -> list[str]:
     """Return the candidates that look most like `name`, best first, for 'did you mean' hints."""
     unique = sorted(set(candidates))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.errors import TargetModuleError, UnsupportedModuleError
+from lorakit.inject.matching import name_matcher
 from lorakit.layers import LoraLayer
 from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
@@ -133,3 +136,24 @@ def test_seq_cls_head_trains_and_is_saved() -> None:
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     assert "base_model.model.classifier.modules_to_save.default.weight" in trainable
     assert "base_model.model.classifier.original_module.weight" not in trainable
+
+
+_SEGMENTS = st.sampled_from(["model", "layers", "0", "1", "q_proj", "mlp", "xq_proj", "a.b"])
+_PATHS = st.lists(_SEGMENTS, min_size=1, max_size=5).map(".".join)
+
+
+@given(key=_PATHS, names=st.lists(_PATHS, max_size=4))
+def test_name_matcher_agrees_with_the_list_definition(key: str, names: list[str]) -> None:
+    # The reference: an entry equals the whole path or its last dotted parts.
+    expected = any(key == name or key.endswith("." + name) for name in names)
+    assert name_matcher(names)(key) is expected
+
+
+def test_injection_restores_the_thread_count() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

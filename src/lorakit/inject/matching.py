@@ -6,7 +6,7 @@ Everything here only reads the model, so a bad config fails before anything is c
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -44,11 +44,27 @@ def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str,
             yield from iter_base_modules(child, key + ".")
 
 
-def name_matches(key: str, names: list[str] | str) -> bool:
-    """A regex string must match the whole path; a list entry must equal its last dotted parts."""
+def dotted_suffixes(key: str) -> Iterator[str]:
+    """`a.b.c`, `b.c`, `c`: the names a list entry may give for the module at path `key`."""
+    parts = key.split(".")
+    for start in range(len(parts)):
+        yield ".".join(parts[start:])
+
+
+def name_matcher(names: list[str] | str) -> Callable[[str], bool]:
+    """A test of module paths: a regex string must match the whole path; a list entry must
+    equal its last dotted parts. Built once per spec, so matching a path costs its depth, not
+    the length of the list (an "all-linear" list names every linear layer)."""
     if isinstance(names, str):
-        return re.fullmatch(names, key) is not None
-    return any(key == name or key.endswith("." + name) for name in names)
+        pattern = re.compile(names)
+        return lambda key: pattern.fullmatch(key) is not None
+    wanted = frozenset(names)
+    return lambda key: any(suffix in wanted for suffix in dotted_suffixes(key))
+
+
+def name_matches(key: str, names: list[str] | str) -> bool:
+    """Whether the module at path `key` is named by `names` (see `name_matcher`)."""
+    return name_matcher(names)(key)
 
 
 def layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
@@ -80,12 +96,16 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
     layers = config.layers_to_transform
     wanted_layers = {layers} if isinstance(layers, int) else set(layers or ())
     save_names = config.modules_to_save or []
-    modules_to_save = tuple(key for key in modules if save_names and name_matches(key, save_names))
+    is_saved = name_matcher(save_names)
+    modules_to_save = tuple(key for key in modules if save_names and is_saved(key))
+    is_target = name_matcher(target_spec)
+    excludes = config.exclude_modules
+    is_excluded = name_matcher(excludes) if excludes is not None else None
     targets = []
     for key, module in modules.items():
-        if not name_matches(key, target_spec) or _is_within(key, modules_to_save):
+        if not is_target(key) or _is_within(key, modules_to_save):
             continue
-        if config.exclude_modules is not None and name_matches(key, config.exclude_modules):
+        if is_excluded is not None and is_excluded(key):
             continue
         if wanted_layers and layer_index(key, config.layers_pattern) not in wanted_layers:
             continue
@@ -140,9 +160,10 @@ def _all_linear_keys(
     heads = list(config.modules_to_save or ())
     if config.task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS, TaskType.QUESTION_ANS):
         heads += TASK_HEAD_MODULES[str(TaskType(config.task_type).value)]
+    is_head = name_matcher(heads)
     keys = []
     for key, module in modules.items():
-        if module is output_head or (heads and name_matches(key, heads)):
+        if module is output_head or is_head(key):
             continue
         if isinstance(module, LoraLayer):
             module = module.base_layer
@@ -150,6 +171,10 @@ def _all_linear_keys(
         if entry is not None and entry.is_linear:
             keys.append(key)
     return keys
+
+
+def _all_suffixes(keys: Iterable[str]) -> set[str]:
+    return {suffix for key in keys for suffix in dotted_suffixes(key)}
 
 
 def _check_every_name_exists(
@@ -164,9 +189,10 @@ def _check_every_name_exists(
         return
     if is_default:
         return
-    short_names = {key.rsplit(".", 1)[-1] for key in modules}
+    named = _all_suffixes(modules)
     for name in spec:
-        if not any(key == name or key.endswith("." + name) for key in modules):
+        if name not in named:
+            short_names = {key.rsplit(".", 1)[-1] for key in modules}
             hint = closest_names(name, short_names)
             raise TargetModuleError(
                 f"Target module {name!r} is not in the base model. Closest module names: "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from ..config import LoraConfig
@@ -39,6 +41,55 @@ def apply_injection(
 
     The last two options are `LoraLayer.add_adapter`'s (adapter dtype, meta tensors).
     """
+    with _single_threaded():
+        _add_to_targets(
+            model,
+            plan,
+            config,
+            adapter_name,
+            routing,
+            initialise_weights,
+            autocast_adapter_dtype,
+            low_cpu_mem_usage,
+        )
+    for key in plan.modules_to_save:
+        module = model.get_submodule(key)
+        if not isinstance(module, ModulesToSaveWrapper):
+            module = ModulesToSaveWrapper(module, routing)
+            replace_module(model, key, module)
+        module.add_adapter(adapter_name)
+
+
+@contextmanager
+def _single_threaded() -> Iterator[None]:
+    """Run the creation and init of adapter tensors on one thread.
+
+    Each adapter tensor is small (r × features), yet above 32k elements torch splits a fill
+    across its thread pool, and waking the pool once per tensor costs far more than the
+    work: on a busy 2-core machine, ~15 ms per lora_B against ~5 µs on one thread. An init
+    that does heavy work on the base weight (an SVD, say) belongs outside this block.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _add_to_targets(
+    model: nn.Module,
+    plan: InjectionPlan,
+    config: LoraConfig,
+    adapter_name: str,
+    routing: AdapterRouting,
+    initialise_weights: bool,
+    autocast_adapter_dtype: bool,
+    low_cpu_mem_usage: bool,
+) -> None:
     for target in plan.targets:
         module = model.get_submodule(target.key)
         if isinstance(module, LoraLayer):
@@ -58,12 +109,6 @@ def apply_injection(
             autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage,
         )
-    for key in plan.modules_to_save:
-        module = model.get_submodule(key)
-        if not isinstance(module, ModulesToSaveWrapper):
-            module = ModulesToSaveWrapper(module, routing)
-            replace_module(model, key, module)
-        module.add_adapter(adapter_name)
 
 
 def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:

@@ -2,6 +2,7 @@
 
 from lorakit.io.errors import (
     AdapterConfigError,
+    AdapterDeviceError,
     AdapterFileError,
     AdapterMismatch,
     AdapterMismatchError,
@@ -18,6 +19,7 @@ from lorakit.io.files import (
     adapter_directory,
     load_adapter_files,
     read_adapter_config,
+    reader_device,
     save_adapter_files,
 )
 from lorakit.io.keys import (
@@ -34,6 +36,7 @@ __all__ = [
     "PICKLE_WEIGHTS_NAME",
     "SAFETENSORS_WEIGHTS_NAME",
     "AdapterConfigError",
+    "AdapterDeviceError",
     "AdapterFileError",
     "AdapterMismatch",
     "AdapterMismatchError",
@@ -49,5 +52,6 @@ __all__ = [
     "load_adapter_files",
     "model_keys_for",
     "read_adapter_config",
+    "reader_device",
     "save_adapter_files",
 ]

@@ -26,6 +26,10 @@ class PickleAdapterRefusedError(AdapterFileError, ValueError):
     """Only a pickle weights file (`adapter_model.bin`) exists and pickles were not allowed."""
 
 
+class AdapterDeviceError(AdapterFileError, ValueError):
+    """The device to read an adapter onto is not one torch knows or this machine has."""
+
+
 class AdapterConfigError(AdapterFileError, ValueError):
     """An adapter config cannot be written or is not a LoRA config."""
 

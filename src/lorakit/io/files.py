@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from lorakit.io.errors import (
     AdapterConfigError,
+    AdapterDeviceError,
     AdapterNotFoundError,
     CorruptAdapterFileError,
     PickleAdapterRefusedError,
@@ -232,9 +233,56 @@ def read_adapter_config(directory: PathLike) -> dict[str, Any]:
     return config
 
 
-def _load_safetensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+def available_devices() -> list[str]:
+    """The devices adapter files can be read onto here: "cpu" and each accelerator."""
+    devices = ["cpu"]
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is not None:
+        devices += [f"{accelerator.type}:{i}" for i in range(torch.accelerator.device_count())]
+    return devices
+
+
+def reader_device(device: str | torch.device) -> str:
+    """`device` as the file readers spell it ("cpu", "cuda:0"), checked against this machine.
+
+    torch's spellings are accepted ("cpu:0", "cuda", `torch.device("cuda", 1)`); the
+    safetensors reader itself takes only "cpu" and indexed accelerators.
+
+    Raises:
+        AdapterDeviceError: torch does not know the device, it is "meta" (which holds no
+            data), or this machine has no such device.
+    """
+    accepted = available_devices()
+    fix = (
+        f"Accepted devices here: {accepted}, in any spelling torch.device takes (e.g. 'cpu:0'). "
+        "Fix: pass one of them as torch_device/device."
+    )
     try:
-        return load_file(path, device=str(device))
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise AdapterDeviceError(
+            f"device={device!r} is not a torch device ({error}). {fix}"
+        ) from None
+    if parsed.type == "meta":
+        raise AdapterDeviceError(
+            f"device={device!r}: the meta device holds no data, so an adapter file cannot be "
+            "read onto it. To create adapters without allocating them, pass "
+            f"low_cpu_mem_usage=True instead. {fix}"
+        )
+    if parsed.type == "cpu":
+        return "cpu"
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is None or parsed.type != accelerator.type:
+        raise AdapterDeviceError(f"device={device!r}: this machine has no {parsed.type}. {fix}")
+    index = torch.accelerator.current_device_index() if parsed.index is None else parsed.index
+    if index >= torch.accelerator.device_count():
+        raise AdapterDeviceError(f"device={device!r}: this machine has no {parsed}. {fix}")
+    return f"{parsed.type}:{index}"
+
+
+def _load_safetensors(path: Path, device: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device=device)
     except (SafetensorError, OSError) as error:
         raise CorruptAdapterFileError(
             f"{path} is not a readable safetensors file ({error}); it is truncated or corrupt, "
@@ -253,7 +301,7 @@ def pickle_conversion_snippet(path: Path) -> str:
     )
 
 
-def _load_pickle(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+def _load_pickle(path: Path, device: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -295,7 +343,8 @@ def load_adapter_files(
         subfolder: A subfolder of `directory` to read instead.
         allow_pickle: Read `adapter_model.bin` when no safetensors file exists (with
             `torch.load(weights_only=True)`). Off by default: pickles can run code.
-        device: Where to put the tensors.
+        device: Where to put the tensors: "cpu" or an accelerator of this machine, in any
+            spelling `torch.device` accepts ("cpu:0", "cuda", "cuda:1").
 
     Returns:
         (file key -> tensor, config dict as saved).
@@ -305,7 +354,9 @@ def load_adapter_files(
         PickleAdapterRefusedError: Only `adapter_model.bin` exists and `allow_pickle` is False.
         CorruptAdapterFileError: A file is truncated, corrupt or not valid JSON.
         AdapterConfigError: The config is for another PEFT method than LoRA.
+        AdapterDeviceError: `device` is not a device this machine can read tensors onto.
     """
+    reader = reader_device(device)
     folder = Path(directory) if subfolder is None else Path(directory) / subfolder
     if not folder.is_dir():
         raise AdapterNotFoundError(
@@ -315,7 +366,7 @@ def load_adapter_files(
     config = read_adapter_config(folder)
     safetensors_path, pickle_path = folder / SAFETENSORS_WEIGHTS_NAME, folder / PICKLE_WEIGHTS_NAME
     if safetensors_path.is_file():
-        return _load_safetensors(safetensors_path, device), config
+        return _load_safetensors(safetensors_path, reader), config
     if not pickle_path.is_file():
         raise _missing_file_error(folder, SAFETENSORS_WEIGHTS_NAME)
     if not allow_pickle:
@@ -325,4 +376,4 @@ def load_adapter_files(
             f"with\n  {pickle_conversion_snippet(pickle_path)}\nor, if you trust the file, "
             "pass allow_pickle=True (it is then read with torch.load(weights_only=True))."
         )
-    return _load_pickle(pickle_path, device), config
+    return _load_pickle(pickle_path, reader), config
