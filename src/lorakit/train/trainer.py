@@ -6,6 +6,7 @@ Usage, the files a run writes and how resuming works: ``docs/training.md``.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -142,6 +143,11 @@ class Trainer:
                 logger.error("rank %d of %d failed: %r", run.rank, run.world_size, error)
             raise
         finally:
+            # The DDP wrapper holds the group: free it first, or its teardown after the group's
+            # can wait forever on a peer that has exited.
+            if self.training_model is not self.model:
+                self.training_model = self.model
+                gc.collect()  # DDP's hooks form cycles: collect it now, not at exit
             if is_started:
                 stop_process_group()
 
@@ -185,7 +191,9 @@ class Trainer:
         self._clock = time.perf_counter() - self.state.elapsed
         self.model.train()
         self._loop(loader, optimizer, scheduler, total_steps)
-        return self._finish()
+        summary = self._finish()
+        self.run.barrier()  # every rank returns once rank 0's files are written
+        return summary
 
     def _loop(
         self,
