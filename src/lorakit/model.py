@@ -389,16 +389,20 @@ class PeftModel(nn.Module):
         written, so a broken adapter leaves the model untouched. `unmerge_adapter` restores
         the original weights bit for bit.
         """
-        self._merge(adapter_names, safe_merge, keep_record=True)
+        names, layers = self._checked_merge(adapter_names, safe_merge, in_place=True)
+        for _, layer in layers:
+            layer.merge(names)
 
-    def _merge(
-        self, adapter_names: Sequence[str] | None, safe_merge: bool, keep_record: bool
-    ) -> None:
+    def _checked_merge(
+        self, adapter_names: Sequence[str] | None, safe_merge: bool, in_place: bool
+    ) -> tuple[list[str], list[tuple[str, LoraLayer]]]:
+        """The adapters to merge and the LoRA layers, once every check passed (nothing written)."""
         names = list(self.routing.active_adapters if adapter_names is None else adapter_names)
         self._check_exist(names)
         layers = list(self._lora_layers())
-        for _, layer in layers:
-            layer.base_weight()  # raises before anything is written if a base cannot merge
+        if in_place:
+            for _, layer in layers:
+                layer.base_weight()  # raises if a base cannot hold a merged weight (4-bit)
         if safe_merge:
             for key, layer in layers:
                 for name in names:
@@ -407,8 +411,7 @@ class PeftModel(nn.Module):
                             f"Merging adapter {name!r} into {key!r} would produce NaN/inf; "
                             "nothing was merged. Check the adapter weights."
                         )
-        for _, layer in layers:
-            layer.merge(names, keep_record)
+        return names, layers
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights."""
@@ -420,11 +423,21 @@ class PeftModel(nn.Module):
         progressbar: bool = False,
         safe_merge: bool = False,
         adapter_names: Sequence[str] | None = None,
+        *,
+        requantize: bool = False,
     ) -> nn.Module:
-        """Merge the adapters and return the plain base model (no lorakit module left)."""
-        self._merge(adapter_names, safe_merge, keep_record=False)  # never unmerged
+        """Merge the adapters and return the plain base model (no lorakit module left).
+
+        A 4-bit base (`QuantLinear`, bitsandbytes' `Linear4bit`) becomes an `nn.Linear` in
+        its weight's original dtype holding dequant(Q) + s·BA summed in fp32, or with
+        `requantize=True` a 4-bit layer like it (rounding: `lorakit.layers.packed`).
+        """
+        names, layers = self._checked_merge(adapter_names, safe_merge, in_place=False)
+        model = self.get_base_model()
+        for key, layer in layers:  # never unmerged: no records are kept
+            replace_module(model, key, layer.merged_module(names, requantize))
         self._wrappers_changed()
-        return unwrap_model(self.get_base_model(), keep_trained_heads=True)
+        return unwrap_model(model, keep_trained_heads=True)
 
     def unload(self) -> nn.Module:
         """Return the base model with its original modules back in place (adapters dropped)."""

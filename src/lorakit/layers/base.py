@@ -207,6 +207,17 @@ class LoraLayer(nn.Module):
                 self.merge_records[adapter_name] = record
             self.merged_adapters.append(adapter_name)
 
+    def merged_module(self, adapter_names: list[str], requantize: bool = False) -> nn.Module:
+        """Merge adapters for good and return the module that takes this wrapper's place.
+
+        `merge_and_unload` calls this. A dense base is merged in place (without a record:
+        the merge is never undone) and returned itself; a packed 4-bit base, which cannot
+        hold the merged weight, returns a new layer instead (see `layers.packed`), which
+        `requantize` makes 4-bit again. Dense bases ignore `requantize`.
+        """
+        self.merge(adapter_names, keep_record=False)
+        return self.base_layer
+
     @torch.no_grad()
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
         """Subtract merged adapters from the base weight, newest first.

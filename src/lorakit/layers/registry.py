@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .base import LoraLayer
+from .bnb import LoraBnbLinear4bit, is_bnb_linear4bit
 from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .linear import LoraLinear
@@ -37,6 +38,8 @@ def _is_plain_conv(module: nn.Module) -> bool:
 
 
 LAYER_REGISTRY: list[LayerEntry] = [
+    # before torch.nn.Linear, which it subclasses; bitsandbytes is never imported for it
+    LayerEntry("bitsandbytes.nn.Linear4bit", is_bnb_linear4bit, LoraBnbLinear4bit, True),
     LayerEntry("torch.nn.Linear", lambda m: isinstance(m, nn.Linear), LoraLinear, True),
     LayerEntry(
         "transformers.pytorch_utils.Conv1D",

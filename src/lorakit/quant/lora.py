@@ -9,44 +9,49 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import MergeError
-from ..layers.base import LoraLayer
-from ..layers.linear import LoraLinear
+from ..layers.packed import LoraPackedLinear
 from ..layers.registry import LAYER_REGISTRY, LayerEntry
-from ..layers.routing import AdapterRouting
 from .linear import QuantLinear
 
 
-class LoraQuantLinear(LoraLinear):
-    """y = dequant(Q) x + b + s · B(A(drop(x))); the packed codes never change."""
+class LoraQuantLinear(LoraPackedLinear):
+    """y = dequant(Q) x + b + s · B(A(drop(x))); the packed codes never change.
 
-    def __init__(self, base_layer: nn.Module, routing: AdapterRouting) -> None:
-        assert isinstance(base_layer, QuantLinear)
-        LoraLayer.__init__(self, base_layer, routing)
-        self.fan_in_fan_out = False
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
+    `merge_adapter` is refused; `merge_and_unload` returns an `nn.Linear` holding
+    dequant(Q) + s·BA (or a new `QuantLinear` with `requantize=True`), see `layers.packed`.
+    """
+
+    def _quant_base(self) -> QuantLinear:
+        base = self.base_layer
+        assert isinstance(base, QuantLinear)
+        return base
 
     def base_dtype_and_device(self) -> tuple[torch.dtype, torch.device]:
         """The compute dtype of the 4-bit base and the device of its codes."""
-        base = self.base_layer
-        assert isinstance(base, QuantLinear)
+        base = self._quant_base()
         return base.config.compute_dtype, base.weight_packed.device
 
-    def base_weight(self) -> torch.Tensor:
-        raise MergeError(
-            "Merging into a 4-bit base would re-quantize it and lose the adapter's precision; "
-            "keep the adapter unmerged, or load the adapter onto the full-precision base and "
-            "merge there."
-        )
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._quant_base().dequantize_weight(torch.float32)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized base weight (a fresh tensor; the codes stay as they are)."""
-        base = self.base_layer
-        assert isinstance(base, QuantLinear)
-        return base.dequantize_weight()
+    def dense_dtype(self) -> torch.dtype:
+        """The dtype the weight had before it was quantized (the model's dtype around it)."""
+        return self._quant_base().weight_dtype
+
+    def requantized_module(self, weight: torch.Tensor) -> nn.Module:
+        """A `QuantLinear` with the base's config and bias, quantized from the fp32 `weight`."""
+        base = self._quant_base()
+        module = QuantLinear(
+            self.in_features,
+            self.out_features,
+            bias=False,
+            config=base.config,
+            device="meta",  # set_weight replaces every buffer
+        )
+        module.set_weight(weight)
+        module.weight_dtype = base.weight_dtype  # dequantizes to the model's dtype, as before
+        module.bias = base.bias
+        return module
 
 
 def register() -> None:
