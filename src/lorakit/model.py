@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -295,11 +295,15 @@ class PeftModel(nn.Module):
         save_directory: str | os.PathLike[str],
         selected_adapters: Sequence[str] | None = None,
         save_embedding_layers: bool | Literal["auto"] = "auto",
+        state_dict: Mapping[str, torch.Tensor] | None = None,
         **_ignored: Any,
     ) -> None:
         """Write adapters in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`);
-        "default" at the top of the folder, other adapters in `<folder>/<name>/`. Atomic."""
-        save_adapters(self, save_directory, selected_adapters, save_embedding_layers)
+        "default" at the top of the folder, other adapters in `<folder>/<name>/`. Atomic.
+
+        `state_dict` (PEFT's keyword, passed by `transformers.Trainer` and FSDP training) is
+        read instead of the model's own `state_dict()`: full tensors of a sharded model."""
+        save_adapters(self, save_directory, selected_adapters, save_embedding_layers, state_dict)
 
     def load_adapter(
         self,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,17 +33,22 @@ MODEL_PREFIX = "base_model.model."
 PathLike = str | os.PathLike[str]
 
 
-def save_adapters(
+def adapter_tensors(
     model: PeftModel,
-    save_directory: PathLike,
     selected_adapters: Sequence[str] | None = None,
     save_embedding_layers: bool | Literal["auto"] = "auto",
-) -> None:
-    """Write each selected adapter: "default" at the top of the folder, others in subfolders."""
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Adapter name -> (file key -> tensor): what `save_adapters` writes for each adapter.
+
+    The tensors are `state_dict`'s own (default: the model's `state_dict()`), so a caller can
+    tell which of them the files need, e.g. to gather only those from a sharded model.
+    """
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
     model._check_exist(names)
-    state = model.state_dict()
+    state = model.state_dict() if state_dict is None else state_dict
     embedding_paths = _embedding_paths(model)
+    selected: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:
         config = model.peft_config[name]
         prefixes = embedding_prefixes_to_save(
@@ -53,8 +58,27 @@ def save_adapters(
             model_state_keys=state.keys(),
             is_vocab_resized=_is_vocab_resized(model, config),
         )
-        tensors = adapter_state_dict(state, name, bias=config.bias, embedding_prefixes=prefixes)
-        save_adapter_files(save_directory, name, tensors, config.to_dict())
+        selected[name] = adapter_state_dict(
+            state, name, bias=config.bias, embedding_prefixes=prefixes
+        )
+    return selected
+
+
+def save_adapters(
+    model: PeftModel,
+    save_directory: PathLike,
+    selected_adapters: Sequence[str] | None = None,
+    save_embedding_layers: bool | Literal["auto"] = "auto",
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Write each selected adapter: "default" at the top of the folder, others in subfolders.
+
+    `state_dict` replaces the model's own `state_dict()` as the source of the tensors (PEFT's
+    `save_pretrained(state_dict=...)`: e.g. full tensors gathered from a sharded model).
+    """
+    selected = adapter_tensors(model, selected_adapters, save_embedding_layers, state_dict)
+    for name, tensors in selected.items():
+        save_adapter_files(save_directory, name, tensors, model.peft_config[name].to_dict())
 
 
 def load_adapter_into(

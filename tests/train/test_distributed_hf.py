@@ -1,7 +1,12 @@
-"""A lorakit ``PeftModel`` trains under ``transformers.Trainer`` on 2 ranks (torchrun, gloo).
+"""A lorakit ``PeftModel`` trains under ``transformers.Trainer`` on 2 ranks (gloo on CPU).
 
 ``transformers.Trainer`` does its own DDP wrapping through accelerate; this checks that a lorakit
-model goes through it: both ranks see world size 2 and rank 0 saves an adapter that moved.
+model goes through it, launched by ``torchrun`` and by ``accelerate launch``: both ranks see
+world size 2 and rank 0 saves an adapter that moved.
+
+``accelerate launch --multi_gpu`` starts its processes with torchrun, so on a machine without
+GPUs it runs CPU ranks over gloo. ``accelerate launch --cpu --num_processes N`` is not that:
+without ``--mpirun_hostfile`` (and an MPI install) it starts a single process.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.test_distributed import ROOT, _adapter, _communicate, _popen, _torchrun
+from train.distributed_launch import ROOT, communicate, popen, read_adapter, torchrun_command
 
 
 def worker(output_dir: str) -> None:
@@ -45,22 +50,31 @@ def worker(output_dir: str) -> None:
     )
     trainer = transformers.Trainer(model=model, args=arguments, train_dataset=rows)
     trainer.train()
-    rank = os.environ["RANK"]
+    rank = os.environ.get("RANK", "0")
     report = {"world_size": trainer.args.world_size, "mode": str(trainer.args.parallel_mode)}
     Path(output_dir, f"rank-{rank}.json").write_text(json.dumps(report))
     if trainer.is_world_process_zero():
         model.save_pretrained(Path(output_dir) / "adapter")
 
 
-def test_transformers_trainer_runs_a_peft_model_on_two_ranks(tmp_path: Path) -> None:
+def _accelerate_launch(processes: int) -> list[str]:
+    options = f"--multi_gpu --num_processes {processes} --num_machines 1 --mixed_precision no"
+    # --main_process_port 0: accelerate picks a free port (parallel launches never share one).
+    options += " --dynamo_backend no --main_process_port 0"
+    return [sys.executable, "-m", "accelerate.commands.launch", *options.split()]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_transformers_trainer_runs_a_peft_model_on_two_ranks(tmp_path: Path, launcher: str) -> None:
     pytest.importorskip("accelerate")
-    process = _popen([*_torchrun(2), __file__, str(tmp_path)], ROOT)
-    _, stderr = _communicate(process)
+    command = torchrun_command(2) if launcher == "torchrun" else _accelerate_launch(2)
+    process = popen([*command, __file__, str(tmp_path)], ROOT)
+    _, stderr = communicate(process)
     assert process.returncode == 0, stderr[-4000:]
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank-{rank}.json").read_text())
         assert report == {"world_size": 2, "mode": "ParallelMode.DISTRIBUTED"}
-    adapter = _adapter(tmp_path)
+    adapter = read_adapter(tmp_path)
     assert len(adapter) == 8
     assert all(adapter[name].abs().max() > 0 for name in adapter if "lora_B" in name)  # from 0
 

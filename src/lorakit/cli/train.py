@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LorakitError
-from ..train.config import PRECISIONS, SCHEDULERS, check_known_fields, field_names, read_config_file
+from ..train.config import (
+    PRECISIONS,
+    SCHEDULERS,
+    STRATEGIES,
+    check_known_fields,
+    field_names,
+    read_config_file,
+)
 
 INPUT_OPTIONS: tuple[str, ...] = (
     "model",
@@ -51,6 +58,7 @@ TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
     "save_total_limit": (int, "checkpoints to keep"),
     "logging_steps": (int, "log the training loss every N steps"),
     "output_dir": (str, "folder for metrics, checkpoints, adapter, plot, summary"),
+    "strategy": (str, f"under torchrun: {' or '.join(STRATEGIES)} (fsdp shards the base)"),
 }
 AUTO_CLASSES: dict[str, str] = {
     "CAUSAL_LM": "AutoModelForCausalLM",

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .fsdp import load_into_parameter, shard_optimizer_state
 from .train_errors import CheckpointError
 
 CHECKPOINTS_FOLDER = "checkpoints"
@@ -48,6 +49,22 @@ class TrainerState:
     best_step: int | None = None
     elapsed: float = 0.0
     last_checkpoint: str | None = None
+
+
+@dataclasses.dataclass
+class GatheredState:
+    """What a checkpoint stores of the model and optimizer, as full (unsharded) tensors.
+
+    Attributes:
+        trainable: Trainable parameter name -> tensor.
+        optimizer: The optimizer's ``state_dict()`` layout with full state tensors.
+        adapter: A model ``state_dict()`` for ``save_pretrained(state_dict=...)``; ``None``
+            lets it read the model's own.
+    """
+
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    adapter: dict[str, torch.Tensor] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -118,6 +135,7 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
     extra_state: dict[str, Any] | None = None,
+    gathered: GatheredState | None = None,
 ) -> Path:
     """Write a checkpoint for ``state["step"]`` atomically, then keep the newest ``keep``.
 
@@ -130,6 +148,8 @@ def save_checkpoint(
         keep: How many checkpoints to keep.
         extra_state: Tensors and objects for ``trainer_state.pt`` only (e.g. every rank's RNG
             states), left out of the readable ``trainer_state.json``.
+        gathered: Full tensors to write instead of the model's and optimizer's own, for a
+            sharded (FSDP) model whose own tensors are each rank's shards.
 
     Returns:
         The checkpoint folder.
@@ -140,14 +160,20 @@ def save_checkpoint(
     temp = folder / f"{TEMP_PREFIX}{target.name}-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
-    model.save_pretrained(temp / "adapter")  # type: ignore[operator]
-    trainable = {
-        name: parameter.detach().contiguous()
-        for name, parameter in model.named_parameters()
-        if parameter.requires_grad
-    }
+    if gathered is None:
+        gathered = GatheredState(
+            trainable={
+                name: parameter.detach()
+                for name, parameter in model.named_parameters()
+                if parameter.requires_grad
+            },
+            optimizer=optimizer.state_dict(),
+        )
+    adapter_options = {} if gathered.adapter is None else {"state_dict": gathered.adapter}
+    model.save_pretrained(temp / "adapter", **adapter_options)  # type: ignore[operator]
+    trainable = {name: tensor.contiguous() for name, tensor in gathered.trainable.items()}
     save_file(trainable, str(temp / TRAINABLE_FILE))
-    torch.save(optimizer.state_dict(), temp / "optimizer.pt")
+    torch.save(gathered.optimizer, temp / "optimizer.pt")
     torch.save(scheduler.state_dict(), temp / "scheduler.pt")
     (temp / STATE_JSON).write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
     full_state = {**state, **(extra_state or {}), "rng": capture_rng_state()}
@@ -205,6 +231,8 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load weights, optimizer and scheduler from ``path``; return the trainer state.
 
+    The files hold full tensors; an FSDP-sharded model and its optimizer keep each rank's shard.
+
     The RNG states are in the returned dict under ``"rng"``; the caller restores them last,
     after anything else that may draw random numbers.
 
@@ -227,10 +255,10 @@ def load_checkpoint(
                 f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, the model "
                 f"{tuple(parameters[name].shape)}; resume with the same LoRA settings."
             )
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            parameters[name].copy_(tensor)
+    for name, tensor in tensors.items():
+        load_into_parameter(parameters[name], tensor)  # a sharded one keeps its shard
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    shard_optimizer_state(optimizer)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     state: dict[str, Any] = torch.load(path / STATE_FILE, weights_only=True)
     return state

@@ -19,8 +19,10 @@ from .train_errors import TrainConfigError
 
 SchedulerName = Literal["constant", "linear", "cosine"]
 PrecisionName = Literal["fp32", "bf16"]
+StrategyName = Literal["ddp", "fsdp"]
 SCHEDULERS: tuple[str, ...] = ("constant", "linear", "cosine")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 CONFIG_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
 
 
@@ -53,6 +55,10 @@ class TrainConfig:
         output_dir: Folder for ``metrics.jsonl``, checkpoints, the adapter, plot and summary.
         resume: ``True`` resumes from the latest checkpoint in ``output_dir`` (starting afresh
             when there is none), a path resumes from that checkpoint, ``False`` starts afresh.
+        strategy: How a ``torchrun`` launch splits the work (a single process ignores it):
+            ``"ddp"`` keeps a whole model on every rank and all-reduces the adapter gradients;
+            ``"fsdp"`` shards the model, frozen base included, over the ranks (for bases that do
+            not fit one device). See ``docs/distributed.md``.
     """
 
     epochs: int = 1
@@ -75,6 +81,7 @@ class TrainConfig:
     logging_steps: int = 10
     output_dir: str = "lorakit-output"
     resume: bool | str = False
+    strategy: StrategyName = "ddp"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,6 +110,7 @@ class TrainConfig:
             _check_float(self, "max_grad_norm", low=0.0)
         _check_choice(self, "lr_scheduler", SCHEDULERS)
         _check_choice(self, "precision", PRECISIONS)
+        _check_choice(self, "strategy", STRATEGIES)
         if self.warmup_steps and self.warmup_ratio:
             raise TrainConfigError(
                 f"warmup_steps={self.warmup_steps} and warmup_ratio={self.warmup_ratio} are both "

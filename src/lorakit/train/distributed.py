@@ -8,7 +8,9 @@ group at the end, also on error. Everything else is PyTorch's own engine.
 DDP reduces the gradients of the parameters with ``requires_grad`` only, so with a ``PeftModel``
 just the adapter gradients cross the wire. ``wrap_model`` also tells DDP to ignore the frozen
 base tensors and buffers when it starts, so they are not broadcast either: every rank loads the
-same base files itself. Commands and the global batch: ``docs/distributed.md``.
+same base files itself. With ``strategy="fsdp"`` the model is sharded instead
+(``lorakit.train.fsdp``); ``wrap_model`` and ``gradient_sync`` choose. Commands and the global
+batch: ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import fsdp
+from .config import StrategyName
 from .train_errors import DistributedSetupError
 
 logger = logging.getLogger("lorakit.train")
@@ -186,22 +190,31 @@ def frozen_names(model: nn.Module) -> list[str]:
     return frozen + [name for name, _ in model.named_buffers()]
 
 
-def wrap_model(model: nn.Module, run: DistributedRun, device: torch.device) -> nn.Module:
-    """``model`` in ``DistributedDataParallel`` reducing only trainable gradients.
+def wrap_model(
+    model: nn.Module, run: DistributedRun, device: torch.device, strategy: StrategyName = "ddp"
+) -> nn.Module:
+    """``model`` ready for data-parallel training under ``strategy``.
 
-    DDP registers only parameters with ``requires_grad`` in its gradient buckets. The frozen
-    base tensors and the buffers are also left out of its start-up broadcast (every rank loaded
-    the same base) and buffers are not re-broadcast each forward; the trainable parameters are
-    broadcast from rank 0 once, so all ranks start from rank 0's adapter.
+    ``"ddp"``: ``DistributedDataParallel`` reducing only trainable gradients. DDP registers
+    only parameters with ``requires_grad`` in its gradient buckets. The frozen base tensors and
+    the buffers are also left out of its start-up broadcast (every rank loaded the same base)
+    and buffers are not re-broadcast each forward; the trainable parameters are broadcast from
+    rank 0 once, so all ranks start from rank 0's adapter.
+
+    ``"fsdp"``: ``model`` itself, sharded in place (``fsdp.shard_model``); build the optimizer
+    after this call, over the sharded parameters.
 
     Returns:
-        The wrapper (a single-process run gets ``model`` itself).
+        The model to call in training (a single-process run gets ``model`` itself).
 
     Raises:
-        DistributedSetupError: The model has no trainable parameter (nothing to reduce).
+        DistributedSetupError: The model has no trainable parameter (nothing to reduce), or
+            FSDP finds no block to shard.
     """
     if not run.is_distributed:
         return model
+    if strategy == "fsdp":
+        return fsdp.shard_model(model, run.world_size, device)
     if not any(param.requires_grad for param in model.parameters()):
         raise DistributedSetupError(
             "the model has no trainable parameter, so there is nothing to train on many "
@@ -215,12 +228,17 @@ def wrap_model(model: nn.Module, run: DistributedRun, device: torch.device) -> n
 
 
 def gradient_sync(wrapped: nn.Module, is_enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """DDP's ``no_sync()`` when ``is_enabled`` is false: accumulate locally, reduce later.
+    """Skip the gradient reduction when ``is_enabled`` is false: accumulate locally, reduce later.
 
-    Gradient accumulation reduces once per optimizer step, in the last micro-batch's backward.
+    DDP's ``no_sync()``, or FSDP2's ``set_requires_gradient_sync(False)``. Gradient accumulation
+    reduces once per optimizer step, in the last micro-batch's backward.
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    if is_enabled or not isinstance(wrapped, DistributedDataParallel):
+    if is_enabled:
         return contextlib.nullcontext()
-    return wrapped.no_sync()
+    if isinstance(wrapped, DistributedDataParallel):
+        return wrapped.no_sync()
+    if fsdp.is_sharded(wrapped):
+        return fsdp.sharded_gradient_sync(wrapped, is_enabled)
+    return contextlib.nullcontext()

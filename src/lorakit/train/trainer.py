@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import fsdp
 from .checkpoint import (
     CHECKPOINT_PREFIX,
     CHECKPOINTS_FOLDER,
+    GatheredState,
     TrainerState,
     capture_rng_state,
     check_resume_config,
@@ -104,6 +106,7 @@ class Trainer:
         self.state = TrainerState()
         self.run: DistributedRun = SINGLE_PROCESS
         self.training_model: nn.Module = model  # the DDP wrapper on many processes
+        self.is_sharded = False  # FSDP: every rank joins every forward, backward and save
         self.log: MetricsLog | None = None
         self._clock = time.perf_counter()
 
@@ -119,7 +122,8 @@ class Trainer:
 
         Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) this process is one
         rank of a data-parallel run: see ``lorakit.train.distributed``. Only rank 0 writes
-        files; the process group is stopped at the end and on error.
+        files; the process group is stopped at the end and on error. With ``strategy="fsdp"``
+        the model is sharded in place and stays so after training (its adapter is saved whole).
 
         Returns:
             The summary (also written to ``<output_dir>/summary.json``).
@@ -133,18 +137,19 @@ class Trainer:
         device = training_device(run, self.model)
         is_started = start_process_group(run, device)
         try:
-            if device != self.device:
-                self.model.to(device)
-                self.device = device
             self.run = run
+            self.is_sharded = run.is_distributed and self.config.strategy == "fsdp"
+            if device != self.device and not self.is_sharded:  # FSDP moves only the shards
+                self.model.to(device)
+            self.device = device
             return self._train()
         except Exception as error:
             if run.is_distributed:
                 logger.error("rank %d of %d failed: %r", run.rank, run.world_size, error)
             raise
         finally:
-            # The DDP wrapper holds the group: free it first, or its teardown after the group's
-            # can wait forever on a peer that has exited.
+            # Drop the DDP wrapper while the process group is still registered: freed later
+            # (with the GIL held), its reducer could deadlock with gloo's worker threads.
             if self.training_model is not self.model:
                 self.training_model = self.model
                 gc.collect()  # DDP's hooks form cycles: collect it now, not at exit
@@ -165,14 +170,16 @@ class Trainer:
             world_size=run.world_size,
         )
         total_steps = self.total_steps(len(loader))
-        optimizer = build_optimizer(self.model, config)
-        scheduler = build_scheduler(optimizer, config, total_steps)
         if config.gradient_checkpointing:
             # Reentrant checkpointing: the fused LoRA autograd function reads its saved
             # tensors in a way the non-reentrant variant refuses.
             self.model.gradient_checkpointing_enable(  # type: ignore[operator]
                 gradient_checkpointing_kwargs={"use_reentrant": True}
             )
+        # Before the optimizer: FSDP replaces the parameters by their shards.
+        self.training_model = wrap_model(self.model, run, self.device, config.strategy)
+        optimizer = build_optimizer(self.model, config)
+        scheduler = build_scheduler(optimizer, config, total_steps)
         resume_path = resolve_resume(config.resume, config.output_dir)
         rng_state = None
         if resume_path is not None:
@@ -185,7 +192,6 @@ class Trainer:
         keep = self.state.step if resume_path is not None else None
         if run.is_main:
             self.log = MetricsLog(self.output_dir / METRICS_FILE, keep_until_step=keep)
-        self.training_model = wrap_model(self.model, run, self.device)
         if rng_state is not None:
             restore_rng_state(rng_state)  # last: nothing after this may draw random numbers
         self._clock = time.perf_counter() - self.state.elapsed
@@ -257,7 +263,9 @@ class Trainer:
         loss_sum = 0.0  # this rank's sum of micro-batch mean loss x label items
         for index, (batch, count) in enumerate(zip(batches, counts, strict=True)):
             is_last = index == len(batches) - 1
-            if count == 0 and not (is_last and self.run.is_distributed):
+            # A rank must join every collective: DDP's reduction in the last backward, FSDP's
+            # all-gathers in every forward and backward.
+            if count == 0 and not self.is_sharded and not (is_last and self.run.is_distributed):
                 continue
             with gradient_sync(self.training_model, is_last):
                 with autocast_context(self.device, self.config.precision):
@@ -273,7 +281,7 @@ class Trainer:
             loss_sum += float(loss.detach()) * count
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         limit = self.config.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+        grad_norm = fsdp.total_norm(torch.nn.utils.clip_grad_norm_(parameters, limit))
         if not torch.isfinite(torch.tensor(grad_norm)):
             self._fail_non_finite("gradient norm", grad_norm)
         optimizer.step()
@@ -294,7 +302,9 @@ class Trainer:
 
     def _maybe_evaluate(self, total_steps: int) -> None:
         step, every = self.state.step, self.config.eval_steps
-        if not self.run.is_main:  # rank 0 evaluates the whole set; the others wait for it
+        # Rank 0 evaluates the whole set; the others wait for it. Under FSDP every rank runs the
+        # same batches (each forward all-gathers the weights), and rank 0 records the result.
+        if not (self.run.is_main or self.is_sharded):
             return
         if self.eval_dataset is None or not (step == total_steps or (every and step % every == 0)):
             return
@@ -307,7 +317,8 @@ class Trainer:
         if best is None or (metrics[name] > best if higher_is_better else metrics[name] < best):
             self.state.best_metric, self.state.best_step = metrics[name], step
         self._write({"event": "eval", "step": step, **metrics})
-        logger.info("step %d  %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if self.run.is_main:
+            logger.info("step %d  %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def _save(
         self,
@@ -316,6 +327,13 @@ class Trainer:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
     ) -> None:
         rng_by_rank = self.run.gather(capture_rng_state())  # every rank joins
+        gathered = None
+        if self.is_sharded:  # every rank joins the all-gathers; rank 0 writes
+            gathered = GatheredState(
+                trainable=fsdp.gather_trainable(self.model),
+                optimizer=fsdp.gather_optimizer_state(optimizer),
+                adapter=fsdp.gather_adapter_state(self.model),
+            )
         state = dataclasses.replace(self.state, elapsed=self.elapsed())
         payload = {
             "step": state.step,
@@ -334,6 +352,7 @@ class Trainer:
                 payload,
                 self.config.save_total_limit,
                 extra,
+                gathered,
             )
         self.run.barrier()  # no rank runs ahead of a checkpoint that is not written yet
         self.state.last_checkpoint = str(path)
@@ -349,9 +368,13 @@ class Trainer:
         self.log.write(event)
 
     def _finish(self) -> dict[str, Any]:
+        # Under FSDP every rank joins the gathering of the adapter's shards.
+        adapter_state = fsdp.gather_adapter_state(self.model) if self.is_sharded else None
         if not self.run.is_main:  # files are rank 0's; the others report their counters
             return build_summary(self.model, self.state, main_metric(self.task)[0], [])
-        self.model.save_pretrained(self.output_dir / ADAPTER_FOLDER)  # type: ignore[operator]
+        self.model.save_pretrained(  # type: ignore[operator]
+            self.output_dir / ADAPTER_FOLDER, state_dict=adapter_state
+        )
         events = self.log.events if self.log is not None else []
         return write_run_outputs(
             self.model,
