@@ -60,6 +60,27 @@ def check_gradients_arrived(model: torch.nn.Module) -> None:
         raise RuntimeError(f"{len(missing)} trainable tensors got no gradient, e.g. {missing[:3]}")
 
 
+def train_steps(
+    model: Any, optimizer: torch.optim.Optimizer, ids: torch.Tensor, steps: int, case: str
+) -> tuple[list[float], list[float]]:
+    """(losses, seconds) of `steps` causal-LM AdamW steps on `ids`; checks gradients arrive."""
+    losses: list[float] = []
+    step_seconds: list[float] = []
+    for step in range(steps):
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if step == 0:
+            check_gradients_arrived(model)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_seconds.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
+    if not all(math.isfinite(value) for value in losses):
+        raise RuntimeError(f"{case}: non-finite loss {losses}")
+    return losses, step_seconds
+
+
 def child_main(args: argparse.Namespace) -> None:
     """One case in this (fresh) process: build, wrap, train a few steps, report RSS."""
     harness.pin_threads(args.threads)
@@ -80,20 +101,7 @@ def child_main(args: argparse.Namespace) -> None:
 
     vocab_size = harness.MODEL_SIZES[args.size]["vocab_size"]
     ids = harness.token_batch(vocab_size, args.batch, args.seq)
-    losses: list[float] = []
-    step_seconds: list[float] = []
-    for step in range(args.steps):
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if step == 0:
-            check_gradients_arrived(model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_seconds.append(time.perf_counter() - start)
-        losses.append(float(loss.detach()))
-    if not all(math.isfinite(value) for value in losses):
-        raise RuntimeError(f"{args.child}: non-finite loss {losses}")
+    losses, step_seconds = train_steps(model, optimizer, ids, args.steps, args.child)
     harness.report_to_parent(
         {
             "case": args.child,

@@ -21,11 +21,9 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ import harness
 # isort: split
 import torch
 
-from bench_core_memory import check_gradients_arrived, enable_checkpointing
+from bench_core_memory import enable_checkpointing, train_steps
 
 CASES = ("lora", "qlora")
 LEARNING_RATE = 1e-5
@@ -85,20 +83,7 @@ def child_main(args: argparse.Namespace) -> None:
 
     vocab_size = harness.MODEL_SIZES[args.size]["vocab_size"]
     ids = harness.token_batch(vocab_size, args.batch, args.seq)
-    losses: list[float] = []
-    step_seconds: list[float] = []
-    for step in range(args.steps):
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if step == 0:
-            check_gradients_arrived(model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_seconds.append(time.perf_counter() - start)
-        losses.append(float(loss.detach()))
-    if not all(math.isfinite(value) for value in losses):
-        raise RuntimeError(f"{args.child}: non-finite loss {losses}")
+    losses, step_seconds = train_steps(model, optimizer, ids, args.steps, args.child)
     harness.report_to_parent(
         {
             "case": args.child,
