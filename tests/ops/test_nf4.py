@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bnb_support import import_bitsandbytes
 from lorakit.ops import nf4
 
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import bitsandbytes.functional as bnb_functional
-    BNB_MISSING = ""
-except Exception as error:  # a missing native library raises more than ImportError
-    bnb_functional = None
-    BNB_MISSING = f"bitsandbytes cannot be imported here ({error!r}): no byte-level oracle"
+bnb_functional, BNB_MISSING = import_bitsandbytes("bitsandbytes.functional")
 
 needs_bnb = pytest.mark.skipif(bnb_functional is None, reason=BNB_MISSING)
 

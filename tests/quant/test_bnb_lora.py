@@ -14,19 +14,13 @@ import torch
 from torch import nn
 
 import lorakit
+from bnb_support import import_bitsandbytes
 from lorakit.errors import MergeError
 from lorakit.layers.bnb import LoraBnbLinear4bit
 from lorakit.layers.packed import LoraPackedLinear
 from tiny_models import token_batch
 
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import bitsandbytes as bnb
-    BNB_MISSING = ""
-except Exception as error:  # a missing native library raises more than ImportError
-    bnb = None
-    BNB_MISSING = f"bitsandbytes cannot be imported here ({error!r}): no Linear4bit to adapt"
+bnb, BNB_MISSING = import_bitsandbytes("bitsandbytes")
 
 pytestmark = pytest.mark.skipif(bnb is None, reason=BNB_MISSING)
 

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from bnb_support import import_bitsandbytes
 from lorakit.ops.nf4 import dequantize_4bit
 from lorakit.quant import QuantConfig, QuantLinear, quantize_model_linears
 
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import bitsandbytes as bnb
-    BNB_MISSING = ""
-except Exception as error:  # a missing native library raises more than ImportError
-    bnb = None
-    BNB_MISSING = f"bitsandbytes cannot be imported here ({error!r}): no oracle layer"
+bnb, BNB_MISSING = import_bitsandbytes("bitsandbytes")
 
 # fp32 sums over 128-256 inputs in another order than the float64 reference; outputs of order 1.
 FP32_TOLERANCE = 1e-5
