@@ -18,7 +18,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -449,4 +449,10 @@ def test_option_combinations_match_peft(config: dict[str, Any]) -> None:
         for name, parameter in pair.peft_model.named_parameters():
             if "lora_" in name:
                 parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-    check_same_forward(pair, {"input_ids": token_batch()})
+    pair.copy_peft_weights()
+    inputs = {"input_ids": token_batch()}
+    expected = run(pair.peft_model, inputs)
+    # A weak draw (one small projection, s = 1/4) can move the logits by less than 100 x the
+    # tolerance; agreement then says nothing about the adapters, so the example is discarded.
+    assume(changes_output(expected, run(pair.base, inputs)))
+    assert max_abs_diff(run(pair.lorakit_model, inputs), expected) <= FORWARD_TOL
