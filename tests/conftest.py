@@ -12,7 +12,12 @@ from tiny_models import minilm_path, tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# pytest -n 2 already fills both cores: one intra-op thread per worker, and the same for every
+# subprocess a test starts (examples, CLI runs). Two OpenMP threads per process on two shared
+# cores made a tiny CNN example 10x slower here and over 40x slower on CI (threads waiting at
+# each op's barrier for a descheduled sibling).
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
