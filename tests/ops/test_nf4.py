@@ -322,3 +322,22 @@ def test_backward_gives_the_dense_gradients(monkeypatch: pytest.MonkeyPatch) -> 
         x.grad.double(), upstream.double() @ weight, rtol=0, atol=FP32_MATMUL_TOLERANCE
     )
     torch.testing.assert_close(bias.grad, upstream.sum(dim=0), rtol=0, atol=1e-6)
+
+
+def test_threads_decoding_at_once_do_not_share_buffers() -> None:
+    """Each thread decodes into buffers of its own (the CPU path reuses them across calls)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    generator = torch.Generator().manual_seed(5)
+    cases = []
+    for _ in range(2):
+        q = nf4.quantize_4bit(torch.randn(96, 128, generator=generator), blocksize=64)
+        x = torch.randn(7, 128, generator=generator)
+        cases.append((x, q, x @ nf4.dequantize_4bit(q).t()))
+
+    def run(case: tuple) -> bool:
+        x, q, expected = case
+        return all(torch.allclose(nf4.linear_4bit(x, q), expected, atol=1e-5) for _ in range(50))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        assert all(pool.map(run, cases * 4))

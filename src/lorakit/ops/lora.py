@@ -8,11 +8,15 @@ into the scalar c = s / (1 - p) applied to the (N, r) side, never to a full-size
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .dropout import DropoutDraw, SharedDropout, new_draw, rebuild
+
+# add_base_grad(g, into): into += g W for the frozen base weight W, in place.
+AddBaseGrad = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def lora_scale(lora_alpha: float, r: int, use_rslora: bool) -> float:
@@ -31,7 +35,7 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor
     return (B @ A) * scale
 
 
-def _draw_for(x: torch.Tensor, p: float, shared: SharedDropout | None) -> DropoutDraw | None:
+def draw_for(x: torch.Tensor, p: float, shared: SharedDropout | None) -> DropoutDraw | None:
     if p == 0:
         return None
     return new_draw(x, p) if shared is None else shared.draw(x, p)
@@ -66,14 +70,14 @@ class _LoraUpdate(torch.autograd.Function):
         u = (x2 if draw is None else draw.x_kept) @ A.t()  # (N, r)
         c = scale / (1.0 - p)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), u, B.t(), alpha=c)  # (N, out)
-        _save(ctx, x, A, B, u, draw, c, shared)
+        save_lora_context(ctx, x, A, B, u, draw, c, shared)
         return out.view(result.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         need_x, need_A, need_B = ctx.needs_input_grad[1:4]
         saved = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
-        grad_x, grad_A, grad_B = _lora_grads(ctx, saved, grad, need_x, need_A, need_B, W=None)
+        grad_x, grad_A, grad_B = lora_grads(ctx, saved, grad, need_x, need_A, need_B)
         return grad, grad_x, grad_A, grad_B, None, None, None, None
 
 
@@ -99,7 +103,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         shared: SharedDropout | None,
     ) -> torch.Tensor:
         out, u = _fused_forward(x, W, bias, A, B, scale / (1.0 - p), draw)
-        _save(ctx, x, A, B, u, draw, scale / (1.0 - p), shared, W)
+        save_lora_context(ctx, x, A, B, u, draw, scale / (1.0 - p), shared, W)
         ctx.has_bias = bias is not None
         return out
 
@@ -108,7 +112,11 @@ class _FusedLoraLinear(torch.autograd.Function):
         need_x, need_W, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         saved = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
         W = saved[-1]
-        grad_x, grad_A, grad_B = _lora_grads(ctx, saved, grad, need_x, need_A, need_B, W=W)
+
+        def add_base_grad(g: torch.Tensor, into: torch.Tensor) -> None:
+            into.addmm_(g, W)
+
+        grad_x, grad_A, grad_B = lora_grads(ctx, saved, grad, need_x, need_A, need_B, add_base_grad)
         g = grad.reshape(-1, grad.shape[-1])
         grad_W = grad_bias = None
         if need_W:
@@ -119,7 +127,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         return grad_x, grad_W, grad_bias, grad_A, grad_B, None, None, None, None
 
 
-def _save(
+def save_lora_context(
     ctx: Any,
     x: torch.Tensor,
     A: torch.Tensor,
@@ -137,16 +145,16 @@ def _save(
     ctx.seed = draw.seed if draw is not None else None
 
 
-def _lora_grads(
+def lora_grads(
     ctx: Any,
     saved: tuple[torch.Tensor, ...],
     grad: torch.Tensor,
     need_x: bool,
     need_A: bool,
     need_B: bool,
-    W: torch.Tensor | None,
+    add_base_grad: AddBaseGrad | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of the LoRA term; with W, the base's input-gradient g W is added in."""
+    """Gradients of the LoRA term; `add_base_grad(g, into)` adds the base's g W into grad_x."""
     x, A, B, u, saved_mask = saved[:5]
     c, seed = ctx.c, ctx.seed
     g = grad.reshape(-1, grad.shape[-1])  # (N, out)
@@ -165,8 +173,8 @@ def _lora_grads(
             lora_grad = grad_u @ A  # (N, in)
             if dropped is not None:
                 lora_grad.masked_fill_(dropped, 0)
-            if W is not None:
-                lora_grad.addmm_(g, W)  # + g W: the base's input-gradient, same pass
+            if add_base_grad is not None:
+                add_base_grad(g, lora_grad)  # + g W: the base's input-gradient, same pass
             grad_x = lora_grad.view(x.shape)
     return grad_x, grad_A, grad_B
 
@@ -209,7 +217,7 @@ def add_lora_linear(
     """
     if x.dtype != A.dtype or result.dtype != A.dtype:
         return _add_lora_linear_reference(result, x, A, B, scale, dropout_p)
-    draw = _draw_for(x, dropout_p, shared)
+    draw = draw_for(x, dropout_p, shared)
     if _needs_graph(result, x, A, B):
         out: torch.Tensor = _LoraUpdate.apply(result, x, A, B, scale, dropout_p, draw, shared)
         return out
@@ -236,7 +244,7 @@ def lora_linear(
 
     All tensors must share one dtype; callers use `add_lora_linear` otherwise.
     """
-    draw = _draw_for(x, dropout_p, shared)
+    draw = draw_for(x, dropout_p, shared)
     if _needs_graph(x, W, bias, A, B):
         out: torch.Tensor = _FusedLoraLinear.apply(x, W, bias, A, B, scale, dropout_p, draw, shared)
         return out

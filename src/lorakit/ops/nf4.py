@@ -14,15 +14,15 @@ layout are those bitsandbytes uses on CPU, so the same weight gives the same byt
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import repeat
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .nf4_rows import RowDecoder, row_decoder
 
 QuantType = Literal["nf4", "fp4"]
 QUANT_TYPES: tuple[QuantType, ...] = ("nf4", "fp4")
@@ -282,73 +282,6 @@ def block_scales(q: Quantized4bit) -> Tensor:
     return dequantize_blockwise_8bit(q.absmax, q.nested_absmax).add_(q.offset)
 
 
-class _RowDecoder:
-    """Turns packed weight rows into fp32 (or compute-dtype) rows through reused buffers.
-
-    A row of 2C values is C bytes: each byte is widened to an int32 index, gathers its pair of
-    decoded values from the byte table straight into the weight buffer, and the pairs are
-    scaled by their block's absmax. Up to `rows` rows are returned per call, decoded
-    `decode_rows` at a time so that the index and value pieces stay in cache. Views are built
-    once here, so each piece costs three tensor operations (four with a cast).
-    """
-
-    def __init__(
-        self,
-        rows: int,
-        decode_rows: int,
-        columns: int,
-        blocks_per_row: int,
-        table: Tensor,
-        dtype: torch.dtype,
-        decoded: Tensor | None = None,
-    ) -> None:
-        device = table.device
-        self.table = table
-        self.decode_rows = decode_rows
-        self.index = torch.empty(decode_rows, columns, dtype=torch.int32, device=device)
-        if decoded is None:
-            decoded = torch.empty(rows * columns, dtype=torch.int64, device=device)
-        # int64 (rows, C) = the fp32 pairs (code[hi], code[lo]) of each byte = fp32 (rows, 2C)
-        self.pairs = decoded.view(rows, columns)
-        self.weight = decoded.view(torch.float32).view(rows, 2 * columns)
-        values = self.weight.view(rows, blocks_per_row, -1)
-        self.cast = None
-        if dtype != torch.float32:
-            self.cast = torch.empty(rows, 2 * columns, dtype=dtype, device=device)
-        casts: Iterable[Tensor | None] = repeat(None)
-        if self.cast is not None:
-            casts = self.cast.split(decode_rows)
-        self.pieces = list(
-            zip(
-                self.pairs.split(decode_rows),
-                values.split(decode_rows),
-                self.weight.split(decode_rows),
-                casts,
-                strict=False,
-            )
-        )
-
-    def decode(self, packed_rows: Tensor, scales: Tensor) -> Tensor:
-        """(count, C) uint8 codes and (count, S, 1) fp32 scales -> (count, 2C) weight rows."""
-        packed_pieces = packed_rows.split(self.decode_rows)
-        scale_pieces = scales.split(self.decode_rows)
-        for piece, packed, scale in zip(self.pieces, packed_pieces, scale_pieces, strict=False):
-            pairs, values, weight, cast = piece
-            count = packed.shape[0]
-            index = self.index
-            if count != self.decode_rows:  # the last, shorter piece
-                index, pairs, values = index[:count], pairs[:count], values[:count]
-                weight = weight[:count]
-                cast = None if cast is None else cast[:count]
-            index.copy_(packed)
-            torch.index_select(self.table, 0, index.view(-1), out=pairs.view(-1))
-            values.mul_(scale)
-            if cast is not None:
-                cast.copy_(weight)
-        result = self.weight if self.cast is None else self.cast
-        return result[: packed_rows.shape[0]]
-
-
 def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> Tensor:
     """The dense tensor code[q] · absmax, in `dtype` (default: the dtype it was quantized from).
 
@@ -364,7 +297,7 @@ def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> Tenso
     if full_blocks:
         # Seen as a matrix with one block per row, decoded a cache-sized piece at a time.
         columns = q.blocksize // 2
-        decoder = _RowDecoder(
+        decoder = RowDecoder(
             full_blocks,
             max(1, DECODE_ELEMENTS // q.blocksize),
             columns,
@@ -404,20 +337,20 @@ def _is_row_aligned(q: Quantized4bit) -> bool:
     return len(q.shape) == 2 and q.shape[1] % q.blocksize == 0
 
 
-def _row_pieces(q: Quantized4bit, a: Tensor) -> tuple[int, _RowDecoder, list[Tensor], list[Tensor]]:
+def _row_pieces(q: Quantized4bit, a: Tensor) -> tuple[int, RowDecoder, list[Tensor], list[Tensor]]:
     """Rows per matmul, a decoder, and the packed codes and scales cut into those rows."""
     out_features, in_features = q.shape
     blocks_per_row = in_features // q.blocksize
     rows = _rows_per_piece(q, a.shape[0], a.device)
     table = _byte_table(q.quant_type, a.device)
-    decoder = _RowDecoder(rows, rows, in_features // 2, blocks_per_row, table, a.dtype)
+    decoder = row_decoder(rows, in_features // 2, blocks_per_row, table, a.dtype)
     packed = q.packed.view(out_features, in_features // 2).split(rows)
     scales = block_scales(q).view(out_features, blocks_per_row, 1).split(rows)
     return rows, decoder, list(packed), list(scales)
 
 
-def _linear_forward(x: Tensor, q: Quantized4bit, bias: Tensor | None) -> Tensor:
-    """x (M, in) @ W.T + bias -> (M, out), W dequantized a piece of rows at a time."""
+def linear_4bit_forward(x: Tensor, q: Quantized4bit, bias: Tensor | None) -> Tensor:
+    """x (M, in) @ W.T + bias -> (M, out), W dequantized a piece of rows at a time; no autograd."""
     if not _is_row_aligned(q):
         return F.linear(x, dequantize_4bit(q, x.dtype), bias)
     rows, decoder, packed, scales = _row_pieces(q, x)
@@ -435,20 +368,22 @@ def _linear_forward(x: Tensor, q: Quantized4bit, bias: Tensor | None) -> Tensor:
     return result
 
 
-def _linear_backward(grad: Tensor, q: Quantized4bit) -> Tensor:
-    """grad (M, out) @ W -> (M, in), summed over pieces of W's rows."""
+def linear_4bit_input_grad(grad: Tensor, q: Quantized4bit, into: Tensor | None = None) -> Tensor:
+    """grad (M, out) @ W -> (M, in), summed over pieces of W's rows (added to `into` if given)."""
     if not _is_row_aligned(q):
-        return grad @ dequantize_4bit(q, grad.dtype)
+        weight = dequantize_4bit(q, grad.dtype)
+        return grad @ weight if into is None else into.addmm_(grad, weight)
     rows, decoder, packed, scales = _row_pieces(q, grad)
-    result = torch.empty(grad.shape[0], q.shape[1], dtype=grad.dtype, device=grad.device)
-    for index, (part, piece_packed, piece_scales) in enumerate(
-        zip(grad.split(rows, dim=1), packed, scales, strict=True)
+    result = into
+    for part, piece_packed, piece_scales in zip(
+        grad.split(rows, dim=1), packed, scales, strict=True
     ):
         weight = decoder.decode(piece_packed, piece_scales)  # (rows, in)
-        if index == 0:
-            torch.mm(part, weight, out=result)
+        if result is None:
+            result = torch.mm(part, weight)
         else:
             result.addmm_(part, weight)
+    assert result is not None
     return result
 
 
@@ -459,13 +394,13 @@ class _Linear4bitFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, bias: Tensor | None, q: Quantized4bit) -> Tensor:
         ctx.q = q
         ctx.has_bias = bias is not None
-        return _linear_forward(x, q, bias)
+        return linear_4bit_forward(x, q, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _linear_backward(grad_output.contiguous(), ctx.q)
+            grad_x = linear_4bit_input_grad(grad_output.contiguous(), ctx.q)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_output.sum(dim=0)
         return grad_x, grad_bias, None
@@ -495,5 +430,5 @@ def linear_4bit(x: Tensor, q: Quantized4bit, bias: Tensor | None = None) -> Tens
     elif torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         result = _Linear4bitFunction.apply(x2d, bias, q)
     else:
-        result = _linear_forward(x2d, q, bias)
+        result = linear_4bit_forward(x2d, q, bias)
     return result.view(*x.shape[:-1], q.shape[0])

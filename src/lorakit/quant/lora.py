@@ -6,11 +6,14 @@ Importing `lorakit.quant` registers this layer first in the LoRA layer registry,
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..layers.packed import LoraPackedLinear
 from ..layers.registry import LAYER_REGISTRY, LayerEntry
+from ..ops.lora_4bit import lora_linear_4bit
 from .linear import QuantLinear
 
 
@@ -20,6 +23,42 @@ class LoraQuantLinear(LoraPackedLinear):
     `merge_adapter` is refused; `merge_and_unload` returns an `nn.Linear` holding
     dequant(Q) + s·BA (or a new `QuantLinear` with `requantize=True`), see `layers.packed`.
     """
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_name = self._fusable_adapter(x, args, kwargs)
+        if adapter_name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self._quant_base()
+        A, B = self._adapter_pair(adapter_name)
+        p = self.lora_dropout_p[adapter_name] if self.training else 0.0
+        shared = self.routing.shared_dropout
+        bias = base.bias
+        scale = self.scaling[adapter_name]
+        return lora_linear_4bit(x, base.quantized, bias, A, B, scale, p, shared)
+
+    def _fusable_adapter(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: Any) -> str | None:
+        """The one acting adapter when base and update can run as one fused node, else None.
+
+        That needs a plain `QuantLinear` without hooks, one dtype for x, the compute dtype,
+        the bias and the adapter, and no autocast (which picks dtypes per op).
+        """
+        routing = self.routing
+        if routing.is_disabled or routing.row_groups is not None or args or kwargs:
+            return None
+        acting = self.acting_adapters()
+        base = self.base_layer
+        if len(acting) != 1 or type(base) is not QuantLinear:
+            return None
+        if base._forward_hooks or base._forward_pre_hooks:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        dtype = base.config.compute_dtype
+        bias_ok = base.bias is None or base.bias.dtype == dtype
+        adapter_ok = self.lora_A[acting[0]].weight.dtype == self.lora_B[acting[0]].weight.dtype
+        if not (bias_ok and adapter_ok and x.dtype == dtype == self.lora_A[acting[0]].weight.dtype):
+            return None
+        return acting[0]
 
     def _quant_base(self) -> QuantLinear:
         base = self.base_layer

@@ -1,0 +1,98 @@
+"""LoRA fused with a frozen 4-bit base: y = x dequant(Q)ᵀ + b + c · x_kept Aᵀ Bᵀ as one node.
+
+Run apart, the 4-bit base and the LoRA update each make a full-size tensor: the update adds
+into a copy of the base output, and in backward each returns its own input-gradient, which
+autograd then sums into a third. Owning both lets the update be added into the base output
+in place and the base's input-gradient be accumulated into the LoRA one, one decoded piece
+of the weight at a time; this is what keeps QLoRA's training transient small.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .dropout import DropoutDraw, SharedDropout
+from .lora import draw_for, lora_grads, save_lora_context
+from .nf4 import Quantized4bit, linear_4bit_forward, linear_4bit_input_grad
+
+
+def _forward(
+    x: torch.Tensor,
+    q: Quantized4bit,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    c: float,
+    draw: DropoutDraw | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x dequant(Q)ᵀ + b + c u Bᵀ as (N, out), u) with u = x_kept Aᵀ."""
+    x2 = x.reshape(-1, x.shape[-1])
+    u = (x2 if draw is None else draw.x_kept) @ A.t()  # (N, r)
+    out = linear_4bit_forward(x2, q, bias)
+    out.addmm_(u, B.t(), alpha=c)
+    return out, u
+
+
+class _FusedLora4bit(torch.autograd.Function):
+    """The 4-bit base and one adapter as a single autograd node (Q frozen, bias optional)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        q: Quantized4bit,
+        scale: float,
+        p: float,
+        draw: DropoutDraw | None,
+        shared: SharedDropout | None,
+    ) -> torch.Tensor:
+        c = scale / (1.0 - p)
+        out, u = _forward(x, q, bias, A, B, c, draw)
+        save_lora_context(ctx, x, A, B, u, draw, c, shared)
+        ctx.q, ctx.has_bias = q, bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        need_x, need_bias, need_A, need_B = ctx.needs_input_grad[:4]
+        saved = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
+        grad = grad.contiguous()
+        q = ctx.q
+
+        def add_base_grad(g: torch.Tensor, into: torch.Tensor) -> None:
+            linear_4bit_input_grad(g, q, into)
+
+        grad_x, grad_A, grad_B = lora_grads(ctx, saved, grad, need_x, need_A, need_B, add_base_grad)
+        grad_bias = None
+        if need_bias and ctx.has_bias:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_bias, grad_A, grad_B, None, None, None, None, None
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    q: Quantized4bit,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    shared: SharedDropout | None = None,
+) -> torch.Tensor:
+    """y = x dequant(Q)ᵀ + b + s · drop(x) Aᵀ Bᵀ; x, bias, A and B share one dtype.
+
+    Q is a frozen 2-D quantized weight (out, in); it is dequantized a piece of rows at a time
+    in forward and again in backward, as `linear_4bit` does.
+    """
+    draw = draw_for(x, dropout_p, shared)
+    tensors = (x, bias, A, B)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        out: torch.Tensor = _FusedLora4bit.apply(x, bias, A, B, q, scale, dropout_p, draw, shared)
+        return out
+    result, _ = _forward(x, q, bias, A, B, scale / (1.0 - dropout_p), draw)
+    return result.view(*x.shape[:-1], q.shape[0])
