@@ -41,7 +41,7 @@ def draw_for(x: torch.Tensor, p: float, shared: SharedDropout | None) -> Dropout
     return new_draw(x, p) if shared is None else shared.draw(x, p)
 
 
-def _rebuild(
+def rebuild_kept(
     x2: torch.Tensor, saved_mask: torch.Tensor, seed: int, shared: SharedDropout | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return rebuild(x2, saved_mask, seed) if shared is None else shared.rebuild(x2, saved_mask, seed)
@@ -162,7 +162,7 @@ def lora_grads(
     grad_x = grad_A = grad_B = None
     dropped = kept = None
     if seed is not None and (need_x or need_A):
-        dropped, kept = _rebuild(x2, saved_mask, seed, ctx.shared)
+        dropped, kept = rebuild_kept(x2, saved_mask, seed, ctx.shared)
     if need_B:
         grad_B = (u.t() @ g).mul_(c).t().contiguous()  # (out, r); MKL is faster this way round
     if need_x or need_A:

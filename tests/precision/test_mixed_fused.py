@@ -1,0 +1,100 @@
+"""fp32 adapters on a half-precision base: the fused node against the plain autograd form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.ops.dropout import SharedDropout, unpack_mask
+from lorakit.ops.lora_mixed import lora_linear_mixed
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ULPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}  # two roundings of the half dtype
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
+    scale = expected.abs().float().max().item() + 1e-3
+    return bool((got.float() - expected.float()).abs().max().item() <= ULPS[dtype] * scale)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    d_in=st.integers(1, 40),
+    d_out=st.integers(1, 40),
+    r=st.integers(1, 5),
+    p=st.sampled_from([0.0, 0.2]),
+    with_bias=st.booleans(),
+    half=st.sampled_from(sorted(HALF)),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_mixed_equals_the_plain_form(
+    n: int, d_in: int, d_out: int, r: int, p: float, with_bias: bool, half: str, seed: int
+) -> None:
+    dtype = HALF[half]
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_out, d_in, generator=gen).to(dtype)
+    bias = torch.randn(d_out, generator=gen).to(dtype) if with_bias else None
+    x = torch.randn(n, 2, d_in, generator=gen).to(dtype).requires_grad_()
+    A = torch.randn(r, d_in, generator=gen).requires_grad_()
+    B = torch.randn(d_out, r, generator=gen).requires_grad_()
+    upstream = torch.randn(n, 2, d_out, generator=gen).to(dtype)
+    shared = SharedDropout()  # keeps the draw, so the plain form can use the same mask
+    fused = lora_linear_mixed(x, W, bias, A, B, 0.75, p, shared)
+    got = torch.autograd.grad(fused, [x, A, B], upstream)
+    kept = x
+    if p > 0:
+        draw = shared.draw(x, p)  # the memo: the very draw the fused node made
+        kept = x.masked_fill(unpack_mask(draw.saved_mask, (n * 2, d_in)).view(x.shape), 0)
+    # The plain form: branch in fp32, summed with the base output in fp32, rounded once.
+    update = (kept.float() @ A.t()) @ B.t()
+    plain = torch.add(torch.nn.functional.linear(x, W, bias), update, alpha=0.75 / (1 - p))
+    plain = plain.to(dtype)
+    expected = torch.autograd.grad(plain, [x, A, B], upstream)
+    assert fused.dtype == plain.dtype == dtype
+    assert _close(fused, plain, dtype)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype
+        assert _close(g, e, dtype)
+
+
+def _bf16_layer(dropout: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 24)).to(torch.bfloat16)
+    config = LoraConfig(r=4, target_modules=["0"], init_lora_weights=False, lora_dropout=dropout)
+    return get_peft_model(model, config).base_model.model[0]
+
+
+def test_layer_dispatches_mixed_dtypes_to_the_fused_node() -> None:
+    layer = _bf16_layer(0.0)
+    x = torch.randn(5, 32).to(torch.bfloat16).requires_grad_()
+    assert layer._fusion(x, "default") == "mixed"
+    out = layer(x)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_FusedLoraMixedBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._fusion(x, "default") is None
+    layer.base_layer.weight.requires_grad_(True)  # a trained base takes the plain form
+    assert layer._fusion(x, "default") is None
+    assert layer._fusion(x.float(), "default") is None
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_training_a_bf16_base_moves_only_the_adapter(dropout: float) -> None:
+    layer = _bf16_layer(dropout)
+    layer.train()
+    before = layer.base_layer.weight.clone()
+    optimizer = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(16, 32).to(torch.bfloat16)
+    target = torch.randn(16, 24)
+    losses = []
+    for _ in range(20):
+        loss = (layer(x).float() - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    assert torch.equal(layer.base_layer.weight, before)
