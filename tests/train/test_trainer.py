@@ -69,6 +69,24 @@ def test_optimizer_holds_only_trainable_parameters_without_decay_on_vectors(
     assert all(p.dim() == 2 for p in decayed["params"]) and len(decayed["params"]) == 8
     assert [p.dim() for p in plain["params"]] == [1]
     assert (decayed["weight_decay"], plain["weight_decay"]) == (0.1, 0.0)
+    assert optimizer.defaults["fused"] is True  # plain CPU fp32 tensors: one fused kernel
+
+
+def test_fused_adamw_takes_the_steps_of_the_per_tensor_loop(causal_tokenizer: Any) -> None:
+    models = [_model(causal_tokenizer) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], TrainConfig(weight_decay=0.1, learning_rate=1e-2))
+    params = [p for p in models[1].parameters() if p.requires_grad]
+    loop = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        for model, optimizer in ((models[0], fused), (models[1], loop)):
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.grad = torch.ones_like(parameter) * 0.5 + parameter.detach()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_accumulation_equals_one_larger_batch(tmp_path: Path, causal_tokenizer: Any) -> None:
