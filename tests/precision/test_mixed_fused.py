@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.ops.dropout import SharedDropout, unpack_mask
-from lorakit.ops.lora_mixed import lora_linear_mixed
+from lorakit.ops.lora import lora_linear
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ULPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}  # two roundings of the half dtype
@@ -43,7 +43,7 @@ def test_fused_mixed_equals_the_plain_form(
     B = torch.randn(d_out, r, generator=gen).requires_grad_()
     upstream = torch.randn(n, 2, d_out, generator=gen).to(dtype)
     shared = SharedDropout()  # keeps the draw, so the plain form can use the same mask
-    fused = lora_linear_mixed(x, W, bias, A, B, 0.75, p, shared)
+    fused = lora_linear(x, W, bias, A, B, 0.75, p, shared)
     got = torch.autograd.grad(fused, [x, A, B], upstream)
     kept = x
     if p > 0:
@@ -71,14 +71,31 @@ def _bf16_layer(dropout: float) -> torch.nn.Module:
 def test_layer_dispatches_mixed_dtypes_to_the_fused_node() -> None:
     layer = _bf16_layer(0.0)
     x = torch.randn(5, 32).to(torch.bfloat16).requires_grad_()
-    assert layer._fusion(x, "default") == "mixed"
+    assert layer._can_fuse(x, "default")
     out = layer(x)
-    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_FusedLoraMixedBackward"
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_FusedLoraLinearBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer._fusion(x, "default") is None
-    layer.base_layer.weight.requires_grad_(True)  # a trained base takes the plain form
-    assert layer._fusion(x, "default") is None
-    assert layer._fusion(x.float(), "default") is None
+        assert not layer._can_fuse(x, "default")
+    assert not layer._can_fuse(x.float(), "default")  # x must come in the base's dtype
+    layer.lora_A["default"].to(torch.float16)  # A and B in different dtypes
+    assert not layer._can_fuse(x, "default")
+
+
+def test_a_trained_bf16_base_gets_its_gradients_through_the_fused_node() -> None:
+    """Base weight and bias trained too (full fine-tuning beside LoRA): same as plain autograd."""
+    layer = _bf16_layer(0.0)
+    layer.base_layer.requires_grad_(True)
+    x = torch.randn(5, 32).to(torch.bfloat16)
+    params = [layer.base_layer.weight, layer.base_layer.bias]
+    fused = torch.autograd.grad(layer(x).float().pow(2).sum(), params)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    plain_out = torch.add(
+        layer.base_layer(x), (x.float() @ A.t()) @ B.t(), alpha=layer.scaling["default"]
+    )
+    plain = torch.autograd.grad(plain_out.to(torch.bfloat16).float().pow(2).sum(), params)
+    for got, expected in zip(fused, plain, strict=True):
+        assert got.dtype == torch.bfloat16
+        assert _close(got, expected, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ..ops.lora import add_lora_linear, delta_weight, lora_linear
-from ..ops.lora_mixed import lora_linear_mixed
 from .base import LoraLayer, module_weight
 from .init import LINEAR_INITS
 from .routing import AdapterRouting
@@ -62,42 +61,35 @@ class LoraLinear(LoraLayer):
         if not acting:  # merged or absent: the base alone, no added work
             result: torch.Tensor = self.base_layer(x)
             return result
-        fusion = self._fusion(x, acting[0]) if len(acting) == 1 else None
-        if fusion is not None:
+        if len(acting) == 1 and self._can_fuse(x, acting[0]):
             base = cast(nn.Linear, self.base_layer)
             A, B = self._adapter_pair(acting[0])
             p = self.lora_dropout_p[acting[0]] if self.training else 0.0
             scale = self.scaling[acting[0]]
-            fused = lora_linear if fusion == "one dtype" else lora_linear_mixed
-            return fused(x, base.weight, base.bias, A, B, scale, p, routing.shared_dropout)
+            return lora_linear(x, base.weight, base.bias, A, B, scale, p, routing.shared_dropout)
         result = self.base_layer(x)
         for adapter_name in acting:
             result = self._add_adapter_output(result, x, adapter_name)
         return result
 
-    def _fusion(self, x: torch.Tensor, adapter_name: str) -> str | None:
-        """Which fused path (owning the base matmul) may run for this adapter, if any.
+    def _can_fuse(self, x: torch.Tensor, adapter_name: str) -> bool:
+        """Whether the fused path (which owns the base matmul) may run for this adapter.
 
-        Both need an exact `nn.Linear` without hooks and no autocast. "one dtype": x, base and
-        adapter share a dtype. "mixed": a frozen half-precision base and x in its dtype, with
-        the adapter in another dtype (fp32 adapters on a bf16 base, the default).
+        It needs an exact `nn.Linear` without hooks, no autocast, x in the base's dtype, and
+        the adapter in that dtype or, on a bf16/fp16 base, in fp32 (the default there).
         """
         base = self.base_layer
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
-            return None
+            return False
         if torch.is_autocast_enabled(x.device.type):  # autocast decides dtypes per op
-            return None
+            return False
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        if x.dtype == A.dtype == base.weight.dtype:
-            return "one dtype"
-        frozen = not base.weight.requires_grad and (
-            base.bias is None or not base.bias.requires_grad
-        )
-        half = base.weight.dtype in (torch.bfloat16, torch.float16)
-        bias_ok = base.bias is None or base.bias.dtype == base.weight.dtype
-        if frozen and half and bias_ok and x.dtype == base.weight.dtype and A.dtype == B.dtype:
-            return "mixed"
-        return None
+        dtype = base.weight.dtype
+        bias_dtype = dtype if base.bias is None else base.bias.dtype
+        if x.dtype != dtype or bias_dtype != dtype or A.dtype != B.dtype:
+            return False
+        half = dtype in (torch.bfloat16, torch.float16)
+        return A.dtype == dtype or (half and A.dtype == torch.float32)
 
     def _add_adapter_output(
         self, result: torch.Tensor, x: torch.Tensor, adapter_name: str

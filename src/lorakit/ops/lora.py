@@ -15,8 +15,9 @@ import torch
 
 from .dropout import DropoutDraw, SharedDropout, new_draw, rebuild
 
-# add_base_grad(g, into): into += g W for the frozen base weight W, in place.
-AddBaseGrad = Callable[[torch.Tensor, torch.Tensor], None]
+# add_base_grad(g, branch_grad) -> g W + branch_grad: the layer's whole input-gradient, made
+# by the node that owns the base matmul (in place into branch_grad where the dtypes agree).
+AddBaseGrad = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def lora_scale(lora_alpha: float, r: int, use_rslora: bool) -> float:
@@ -87,6 +88,11 @@ class _FusedLoraLinear(torch.autograd.Function):
     Owning the base matmul lets the LoRA term be added into the base output in place and the
     LoRA input-gradient be added into the base input-gradient in place, so the update costs
     only its thin matmuls: no extra full-size tensors and no extra passes over them.
+
+    The branch may run in a wider dtype than the base (fp32 adapters on a bf16 base): x is
+    widened for it, and its output and input-gradient are each rounded into the base's once.
+    Run apart, that mix would also make an fp32 copy of the whole sum and have autograd widen,
+    narrow and add up full-size input-gradients.
     """
 
     @staticmethod
@@ -102,7 +108,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         draw: DropoutDraw | None,
         shared: SharedDropout | None,
     ) -> torch.Tensor:
-        out, u = _fused_forward(x, W, bias, A, B, scale / (1.0 - p), draw)
+        out, u = dense_lora_forward(x, W, bias, A, B, scale / (1.0 - p), draw)
         save_lora_context(ctx, x, A, B, u, draw, scale / (1.0 - p), shared, W)
         ctx.has_bias = bias is not None
         return out
@@ -113,8 +119,10 @@ class _FusedLoraLinear(torch.autograd.Function):
         saved = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
         W = saved[-1]
 
-        def add_base_grad(g: torch.Tensor, into: torch.Tensor) -> None:
-            into.addmm_(g, W)
+        def add_base_grad(g: torch.Tensor, branch_grad: torch.Tensor) -> torch.Tensor:
+            if branch_grad.dtype == g.dtype:
+                return branch_grad.addmm_(g, W)
+            return (g @ W).add_(branch_grad)  # base dtype, the branch rounded in once
 
         grad_x, grad_A, grad_B = lora_grads(ctx, saved, grad, need_x, need_A, need_B, add_base_grad)
         g = grad.reshape(-1, grad.shape[-1])
@@ -154,32 +162,58 @@ def lora_grads(
     need_B: bool,
     add_base_grad: AddBaseGrad | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of the LoRA term; `add_base_grad(g, into)` adds the base's g W into grad_x."""
+    """Gradients of the LoRA term, in the adapter dtype; with `add_base_grad`, grad_x is the
+    layer's whole input-gradient (the base's g W added by the owner of the base matmul)."""
     x, A, B, u, saved_mask = saved[:5]
     c, seed = ctx.c, ctx.seed
     g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+    g_branch = g.to(A.dtype)  # the same tensor unless the base runs in another dtype
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     grad_x = grad_A = grad_B = None
     dropped = kept = None
     if seed is not None and (need_x or need_A):
         dropped, kept = rebuild_kept(x2, saved_mask, seed, ctx.shared)
     if need_B:
-        grad_B = (u.t() @ g).mul_(c).t().contiguous()  # (out, r); MKL is faster this way round
+        grad_B = (
+            (u.t() @ g_branch).mul_(c).t().contiguous()
+        )  # (out, r); MKL is faster this way round
     if need_x or need_A:
-        grad_u = (g @ B).mul_(c)  # (N, r)
+        grad_u = (g_branch @ B).mul_(c)  # (N, r)
         if need_A:
-            grad_A = grad_u.t() @ (x2 if kept is None else kept)  # (r, in)
+            grad_A = grad_u.t() @ (x2 if kept is None else kept).to(A.dtype)  # (r, in)
         if need_x:
             lora_grad = grad_u @ A  # (N, in)
             if dropped is not None:
                 lora_grad.masked_fill_(dropped, 0)
             if add_base_grad is not None:
-                add_base_grad(g, lora_grad)  # + g W: the base's input-gradient, same pass
+                lora_grad = add_base_grad(g, lora_grad)  # + g W, the base's input-gradient
             grad_x = lora_grad.view(x.shape)
     return grad_x, grad_A, grad_B
 
 
-def _fused_forward(
+def add_branch(
+    out: torch.Tensor,
+    x2: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    c: float,
+    draw: DropoutDraw | None,
+) -> torch.Tensor:
+    """Add c · x_kept Aᵀ Bᵀ into the base output `out` (N, out) in place; return u = x_kept Aᵀ.
+
+    The branch runs in the adapter dtype (x widened when the base runs narrower; exact, as the
+    mask only zeroes entries); a branch in another dtype than `out` is summed in the wider one
+    and rounded into `out` once.
+    """
+    u = (x2 if draw is None else draw.x_kept).to(A.dtype) @ A.t()  # (N, r)
+    if out.dtype == u.dtype:
+        out.addmm_(u, B.t(), alpha=c)
+    else:
+        out.add_(u @ B.t(), alpha=c)
+    return u
+
+
+def dense_lora_forward(
     x: torch.Tensor,
     W: torch.Tensor,
     bias: torch.Tensor | None,
@@ -188,15 +222,14 @@ def _fused_forward(
     c: float,
     draw: DropoutDraw | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (x W^T + b + c u B^T, u) with u = x_kept A^T."""
+    """Return (x Wᵀ + b + c u Bᵀ in W's dtype, u) with u = x_kept Aᵀ in A's dtype."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    u = (x2 if draw is None else draw.x_kept) @ A.t()  # (N, r)
     out = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())  # (N, out)
-    out.addmm_(u, B.t(), alpha=c)
+    u = add_branch(out, x2, A, B, c, draw)
     return out.view(*x.shape[:-1], out.shape[-1]), u
 
 
-def _needs_graph(*tensors: torch.Tensor | None) -> bool:
+def needs_graph(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -218,7 +251,7 @@ def add_lora_linear(
     if x.dtype != A.dtype or result.dtype != A.dtype:
         return _add_lora_linear_reference(result, x, A, B, scale, dropout_p)
     draw = draw_for(x, dropout_p, shared)
-    if _needs_graph(result, x, A, B):
+    if needs_graph(result, x, A, B):
         out: torch.Tensor = _LoraUpdate.apply(result, x, A, B, scale, dropout_p, draw, shared)
         return out
     x2 = x.reshape(-1, x.shape[-1])
@@ -242,13 +275,14 @@ def lora_linear(
 ) -> torch.Tensor:
     """y = x W^T + b + s · drop(x) A^T B^T for a dense linear base (W: (out, in)).
 
-    All tensors must share one dtype; callers use `add_lora_linear` otherwise.
+    x, W and bias share one dtype; A and B share one, the same or wider (fp32 adapters on a
+    bf16/fp16 base). Callers use `add_lora_linear` for other mixes and under autocast.
     """
     draw = draw_for(x, dropout_p, shared)
-    if _needs_graph(x, W, bias, A, B):
+    if needs_graph(x, W, bias, A, B):
         out: torch.Tensor = _FusedLoraLinear.apply(x, W, bias, A, B, scale, dropout_p, draw, shared)
         return out
-    return _fused_forward(x, W, bias, A, B, scale / (1.0 - dropout_p), draw)[0]
+    return dense_lora_forward(x, W, bias, A, B, scale / (1.0 - dropout_p), draw)[0]
 
 
 def _add_lora_linear_reference(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .dropout import DropoutDraw, SharedDropout
-from .lora import draw_for, lora_grads, save_lora_context
+from .lora import add_branch, draw_for, lora_grads, needs_graph, save_lora_context
 from .nf4 import Quantized4bit, linear_4bit_forward, linear_4bit_input_grad
 
 
@@ -29,10 +29,8 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (x dequant(Q)ᵀ + b + c u Bᵀ as (N, out), u) with u = x_kept Aᵀ."""
     x2 = x.reshape(-1, x.shape[-1])
-    u = (x2 if draw is None else draw.x_kept) @ A.t()  # (N, r)
     out = linear_4bit_forward(x2, q, bias)
-    out.addmm_(u, B.t(), alpha=c)
-    return out, u
+    return out, add_branch(out, x2, A, B, c, draw)
 
 
 class _FusedLora4bit(torch.autograd.Function):
@@ -64,8 +62,8 @@ class _FusedLora4bit(torch.autograd.Function):
         grad = grad.contiguous()
         q = ctx.q
 
-        def add_base_grad(g: torch.Tensor, into: torch.Tensor) -> None:
-            linear_4bit_input_grad(g, q, into)
+        def add_base_grad(g: torch.Tensor, branch_grad: torch.Tensor) -> torch.Tensor:
+            return linear_4bit_input_grad(g, q, into=branch_grad)
 
         grad_x, grad_A, grad_B = lora_grads(ctx, saved, grad, need_x, need_A, need_B, add_base_grad)
         grad_bias = None
@@ -90,8 +88,7 @@ def lora_linear_4bit(
     in forward and again in backward, as `linear_4bit` does.
     """
     draw = draw_for(x, dropout_p, shared)
-    tensors = (x, bias, A, B)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if needs_graph(x, bias, A, B):
         out: torch.Tensor = _FusedLora4bit.apply(x, bias, A, B, q, scale, dropout_p, draw, shared)
         return out
     result, _ = _forward(x, q, bias, A, B, scale / (1.0 - dropout_p), draw)
