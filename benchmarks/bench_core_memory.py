@@ -94,26 +94,35 @@ def child_main(args: argparse.Namespace) -> None:
     if lib is not None:
         config = harness.lora_config(lib, lora_dropout=LORA_DROPOUT)
         model = lib.get_peft_model(model, config)
+    all_parameters = sum(p.numel() for p in model.parameters())
+    train_and_report(model, args, rss_after_imports, all_parameters=all_parameters)
+
+
+def train_and_report(
+    model: Any, args: argparse.Namespace, rss_after_imports: int, **extra: object
+) -> None:
+    """A child's common tail: AdamW on the trainable tensors, `args.steps` steps, the report.
+
+    Reports the RSS after imports, after the model and optimizer, the peak (VmHWM), the
+    trainable count, losses and step times, plus `extra`.
+    """
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
     rss_after_model = harness.read_status_kib("VmRSS")
-
     vocab_size = harness.MODEL_SIZES[args.size]["vocab_size"]
     ids = harness.token_batch(vocab_size, args.batch, args.seq)
     losses, step_seconds = train_steps(model, optimizer, ids, args.steps, args.child)
-    harness.report_to_parent(
-        {
-            "case": args.child,
-            "rss_after_imports_kib": rss_after_imports,
-            "rss_after_model_kib": rss_after_model,
-            "vmhwm_kib": harness.read_status_kib("VmHWM"),
-            "trainable_parameters": sum(p.numel() for p in trainable),
-            "all_parameters": sum(p.numel() for p in model.parameters()),
-            "losses": losses,
-            "step_seconds": step_seconds,
-        }
-    )
+    report = {
+        "case": args.child,
+        "rss_after_imports_kib": rss_after_imports,
+        "rss_after_model_kib": rss_after_model,
+        "vmhwm_kib": harness.read_status_kib("VmHWM"),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "losses": losses,
+        "step_seconds": step_seconds,
+    }
+    harness.report_to_parent({**report, **extra})
 
 
 def child_argv(case: str, args: argparse.Namespace) -> list[str]:

@@ -41,11 +41,10 @@ import harness
 # isort: split
 import torch
 
-from bench_core_memory import enable_checkpointing, train_steps
+from bench_core_memory import enable_checkpointing, train_and_report
 
 CASES = ("lora", "qlora", "lora-released", "qlora-released")
 RELEASED = "-released"
-LEARNING_RATE = 1e-5
 LORA_DROPOUT = 0.05
 TARGET_QLORA_OVER_LORA = 0.40
 DEFAULT_STEPS = 3
@@ -88,26 +87,7 @@ def child_main(args: argparse.Namespace) -> None:
     model, quantized_bytes = build_model(args)
     enable_checkpointing(model)
     model = lorakit.get_peft_model(model, harness.lora_config(lorakit, lora_dropout=LORA_DROPOUT))
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
-    rss_after_model = harness.read_status_kib("VmRSS")
-
-    vocab_size = harness.MODEL_SIZES[args.size]["vocab_size"]
-    ids = harness.token_batch(vocab_size, args.batch, args.seq)
-    losses, step_seconds = train_steps(model, optimizer, ids, args.steps, args.child)
-    harness.report_to_parent(
-        {
-            "case": args.child,
-            "rss_after_imports_kib": rss_after_imports,
-            "rss_after_model_kib": rss_after_model,
-            "vmhwm_kib": harness.read_status_kib("VmHWM"),
-            "trainable_parameters": sum(p.numel() for p in trainable),
-            "quantized_bytes": quantized_bytes,
-            "losses": losses,
-            "step_seconds": step_seconds,
-        }
-    )
+    train_and_report(model, args, rss_after_imports, quantized_bytes=quantized_bytes)
 
 
 def save_checkpoint(args: argparse.Namespace) -> None:
