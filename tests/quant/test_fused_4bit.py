@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorakit import LoraConfig, get_peft_model
+from lorakit.ops.dropout import SharedDropout, unpack_mask
 from lorakit.ops.lora import add_lora_linear
 from lorakit.ops.lora_4bit import lora_linear_4bit
 from lorakit.ops.nf4 import dequantize_4bit, linear_4bit, quantize_4bit
@@ -119,3 +120,42 @@ def test_layer_falls_back_where_fusing_does_not_apply(case: str) -> None:
         layer.base_layer.register_forward_hook(lambda module, args, out: out)
     assert layer._fusable_adapter(x, (), {}) is None
     layer(x)  # and the fallback runs
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_compute_with_fp32_adapters_equals_the_plain_form(p: float, with_bias: bool) -> None:
+    """The usual QLoRA set-up: bf16 compute, fp32 A and B; the branch is rounded in once."""
+    q, x, A, B, bias = _operands(3, 128, 48, 4, with_bias, seed=11)
+    x = x.detach().bfloat16().requires_grad_()
+    bias = None if bias is None else bias.detach().bfloat16().requires_grad_()
+    tensors = [x, A, B] + ([bias] if bias is not None else [])
+    shared = SharedDropout()  # keeps the draw, so the plain form can use the same mask
+    fused = lora_linear_4bit(x, q, bias, A, B, 1.5, p, shared)
+    fused_grads = _grads(fused, tensors, seed=11)
+    kept = x
+    if p > 0:
+        dropped = unpack_mask(shared.draw(x, p).saved_mask, (6, 128)).view(x.shape)
+        kept = x.masked_fill(dropped, 0)
+    update = (kept.float() @ A.t()) @ B.t()
+    plain = torch.add(linear_4bit(x, q, bias), update, alpha=1.5 / (1 - p)).bfloat16()
+    plain_grads = _grads(plain, tensors, seed=11)
+    assert fused.dtype == torch.bfloat16
+    assert torch.allclose(fused.float(), plain.float(), atol=0.05, rtol=2**-7)
+    for got, expected in zip(fused_grads, plain_grads, strict=True):
+        assert got.dtype == expected.dtype
+        assert torch.allclose(got.float(), expected.float(), atol=0.05, rtol=2**-7)
+
+
+def test_bf16_compute_layer_with_fp32_adapters_takes_the_fused_path() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    model[0] = QuantLinear.from_linear(model[0], QuantConfig(compute_dtype=torch.bfloat16))
+    config = LoraConfig(r=4, target_modules=["0"], init_lora_weights=False)
+    layer = get_peft_model(model, config).base_model.model[0]
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(5, 128).bfloat16().requires_grad_()
+    assert layer._fusable_adapter(x, (), {}) == "default"
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and type(out.grad_fn).__name__ == "_FusedLora4bitBackward"
+    assert layer._fusable_adapter(x.float(), (), {}) is None  # x must come in the compute dtype

@@ -13,6 +13,18 @@ from .init import LINEAR_INITS
 from .routing import AdapterRouting
 
 
+def branch_dtype_fits(base_dtype: torch.dtype, lora_A: nn.Module, lora_B: nn.Module) -> bool:
+    """Whether a fused node can run this adapter's branch on a base computing in `base_dtype`.
+
+    The branch runs in the adapter's dtype: the base's own, or fp32 on a bf16/fp16 base.
+    """
+    A_dtype, B_dtype = lora_A.weight.dtype, lora_B.weight.dtype
+    if A_dtype != B_dtype:
+        return False
+    half = base_dtype in (torch.bfloat16, torch.float16)
+    return A_dtype == base_dtype or (half and A_dtype == torch.float32)
+
+
 class AdapterLinear(nn.Linear):
     """A bias-free `nn.Linear` for lora_A/lora_B whose weight is allocated, not initialised.
 
@@ -83,13 +95,11 @@ class LoraLinear(LoraLayer):
             return False
         if torch.is_autocast_enabled(x.device.type):  # autocast decides dtypes per op
             return False
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         dtype = base.weight.dtype
         bias_dtype = dtype if base.bias is None else base.bias.dtype
-        if x.dtype != dtype or bias_dtype != dtype or A.dtype != B.dtype:
+        if x.dtype != dtype or bias_dtype != dtype:
             return False
-        half = dtype in (torch.bfloat16, torch.float16)
-        return A.dtype == dtype or (half and A.dtype == torch.float32)
+        return branch_dtype_fits(dtype, self.lora_A[adapter_name], self.lora_B[adapter_name])
 
     def _add_adapter_output(
         self, result: torch.Tensor, x: torch.Tensor, adapter_name: str

@@ -63,7 +63,9 @@ class _FusedLora4bit(torch.autograd.Function):
         q = ctx.q
 
         def add_base_grad(g: torch.Tensor, branch_grad: torch.Tensor) -> torch.Tensor:
-            return linear_4bit_input_grad(g, q, into=branch_grad)
+            if branch_grad.dtype == g.dtype:
+                return linear_4bit_input_grad(g, q, into=branch_grad)
+            return linear_4bit_input_grad(g, q).add_(branch_grad)  # rounded in once
 
         grad_x, grad_A, grad_B = lora_grads(ctx, saved, grad, need_x, need_A, need_B, add_base_grad)
         grad_bias = None
@@ -82,7 +84,10 @@ def lora_linear_4bit(
     dropout_p: float = 0.0,
     shared: SharedDropout | None = None,
 ) -> torch.Tensor:
-    """y = x dequant(Q)ᵀ + b + s · drop(x) Aᵀ Bᵀ; x, bias, A and B share one dtype.
+    """y = x dequant(Q)ᵀ + b + s · drop(x) Aᵀ Bᵀ, computed in x's dtype (bias in it too).
+
+    A and B share x's dtype or, on bf16/fp16 compute, are fp32: the branch then runs in fp32
+    and is rounded into the output (and its input-gradient into x's) once.
 
     Q is a frozen 2-D quantized weight (out, in); it is dequantized a piece of rows at a time
     in forward and again in backward, as `linear_4bit` does.

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers.linear import branch_dtype_fits
 from ..layers.packed import LoraPackedLinear
 from ..layers.registry import LAYER_REGISTRY, LayerEntry
 from ..ops.lora_4bit import lora_linear_4bit
@@ -32,15 +33,17 @@ class LoraQuantLinear(LoraPackedLinear):
         A, B = self._adapter_pair(adapter_name)
         p = self.lora_dropout_p[adapter_name] if self.training else 0.0
         shared = self.routing.shared_dropout
-        bias = base.bias
+        dtype = base.config.compute_dtype
+        bias = None if base.bias is None else base.bias.to(dtype)  # as QuantLinear computes
         scale = self.scaling[adapter_name]
         return lora_linear_4bit(x, base.quantized, bias, A, B, scale, p, shared)
 
     def _fusable_adapter(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: Any) -> str | None:
         """The one acting adapter when base and update can run as one fused node, else None.
 
-        That needs a plain `QuantLinear` without hooks, one dtype for x, the compute dtype,
-        the bias and the adapter, and no autocast (which picks dtypes per op).
+        That needs a plain `QuantLinear` without hooks, x in the compute dtype, the adapter in
+        that dtype or fp32 (on a bf16/fp16 compute dtype), and no autocast (which picks
+        dtypes per op).
         """
         routing = self.routing
         if routing.is_disabled or routing.row_groups is not None or args or kwargs:
@@ -54,11 +57,12 @@ class LoraQuantLinear(LoraPackedLinear):
         if torch.is_autocast_enabled(x.device.type):
             return None
         dtype = base.config.compute_dtype
-        bias_ok = base.bias is None or base.bias.dtype == dtype
-        adapter_ok = self.lora_A[acting[0]].weight.dtype == self.lora_B[acting[0]].weight.dtype
-        if not (bias_ok and adapter_ok and x.dtype == dtype == self.lora_A[acting[0]].weight.dtype):
+        adapter = acting[0]
+        if x.dtype != dtype or not branch_dtype_fits(
+            dtype, self.lora_A[adapter], self.lora_B[adapter]
+        ):
             return None
-        return acting[0]
+        return adapter
 
     def _quant_base(self) -> QuantLinear:
         base = self.base_layer
