@@ -71,14 +71,14 @@ def _bf16_layer(dropout: float) -> torch.nn.Module:
 def test_layer_dispatches_mixed_dtypes_to_the_fused_node() -> None:
     layer = _bf16_layer(0.0)
     x = torch.randn(5, 32).to(torch.bfloat16).requires_grad_()
-    assert layer._can_fuse(x, "default")
+    assert layer._fused_operands(x, "default") is not None
     out = layer(x)
     assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_FusedLoraLinearBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layer._can_fuse(x, "default")
-    assert not layer._can_fuse(x.float(), "default")  # x must come in the base's dtype
+        assert layer._fused_operands(x, "default") is None
+    assert layer._fused_operands(x.float(), "default") is None  # x must come in the base's dtype
     layer.lora_A["default"].to(torch.float16)  # A and B in different dtypes
-    assert not layer._can_fuse(x, "default")
+    assert layer._fused_operands(x, "default") is None
 
 
 def test_a_trained_bf16_base_gets_its_gradients_through_the_fused_node() -> None:

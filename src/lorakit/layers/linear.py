@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,16 +13,18 @@ from .init import LINEAR_INITS
 from .routing import AdapterRouting
 
 
-def branch_dtype_fits(base_dtype: torch.dtype, lora_A: nn.Module, lora_B: nn.Module) -> bool:
-    """Whether a fused node can run this adapter's branch on a base computing in `base_dtype`.
+def branch_dtype_fits(base_dtype: torch.dtype, A_dtype: torch.dtype, B_dtype: torch.dtype) -> bool:
+    """Whether a fused node can run an adapter's branch on a base computing in `base_dtype`.
 
     The branch runs in the adapter's dtype: the base's own, or fp32 on a bf16/fp16 base.
     """
-    A_dtype, B_dtype = lora_A.weight.dtype, lora_B.weight.dtype
     if A_dtype != B_dtype:
         return False
     half = base_dtype in (torch.bfloat16, torch.float16)
     return A_dtype == base_dtype or (half and A_dtype == torch.float32)
+
+
+FusedOperands = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]
 
 
 class AdapterLinear(nn.Linear):
@@ -73,33 +75,37 @@ class LoraLinear(LoraLayer):
         if not acting:  # merged or absent: the base alone, no added work
             result: torch.Tensor = self.base_layer(x)
             return result
-        if len(acting) == 1 and self._can_fuse(x, acting[0]):
-            base = cast(nn.Linear, self.base_layer)
-            A, B = self._adapter_pair(acting[0])
+        operands = self._fused_operands(x, acting[0]) if len(acting) == 1 else None
+        if operands is not None:
+            W, bias, A, B = operands
             p = self.lora_dropout_p[acting[0]] if self.training else 0.0
             scale = self.scaling[acting[0]]
-            return lora_linear(x, base.weight, base.bias, A, B, scale, p, routing.shared_dropout)
+            return lora_linear(x, W, bias, A, B, scale, p, routing.shared_dropout)
         result = self.base_layer(x)
         for adapter_name in acting:
             result = self._add_adapter_output(result, x, adapter_name)
         return result
 
-    def _can_fuse(self, x: torch.Tensor, adapter_name: str) -> bool:
-        """Whether the fused path (which owns the base matmul) may run for this adapter.
+    def _fused_operands(self, x: torch.Tensor, adapter_name: str) -> FusedOperands | None:
+        """(W, bias, A, B) when the fused path (owning the base matmul) may run, else None.
 
         It needs an exact `nn.Linear` without hooks, no autocast, x in the base's dtype, and
-        the adapter in that dtype or, on a bf16/fp16 base, in fp32 (the default there).
+        the adapter in that dtype or, on a bf16/fp16 base, in fp32 (the default there). This
+        runs on every forward, so it reads the module tables directly (nn.Module's attribute
+        lookup cost more than the checks).
         """
-        base = self.base_layer
+        base = self._modules["base_layer"]
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
-            return False
+            return None
         if torch.is_autocast_enabled(x.device.type):  # autocast decides dtypes per op
-            return False
-        dtype = base.weight.dtype
-        bias_dtype = dtype if base.bias is None else base.bias.dtype
-        if x.dtype != dtype or bias_dtype != dtype:
-            return False
-        return branch_dtype_fits(dtype, self.lora_A[adapter_name], self.lora_B[adapter_name])
+            return None
+        W, bias = base._parameters["weight"], base._parameters["bias"]
+        A = self._modules["lora_A"]._modules[adapter_name]._parameters["weight"]  # type: ignore[union-attr]
+        B = self._modules["lora_B"]._modules[adapter_name]._parameters["weight"]  # type: ignore[union-attr]
+        assert W is not None and A is not None and B is not None
+        if x.dtype != W.dtype or (bias is not None and bias.dtype != W.dtype):
+            return None
+        return (W, bias, A, B) if branch_dtype_fits(W.dtype, A.dtype, B.dtype) else None
 
     def _add_adapter_output(
         self, result: torch.Tensor, x: torch.Tensor, adapter_name: str

@@ -205,7 +205,10 @@ def add_branch(
     mask only zeroes entries); a branch in another dtype than `out` is summed in the wider one
     and rounded into `out` once.
     """
-    u = (x2 if draw is None else draw.x_kept).to(A.dtype) @ A.t()  # (N, r)
+    kept = x2 if draw is None else draw.x_kept
+    if kept.dtype != A.dtype:
+        kept = kept.to(A.dtype)
+    u = kept @ A.t()  # (N, r)
     if out.dtype == u.dtype:
         out.addmm_(u, B.t(), alpha=c)
     else:

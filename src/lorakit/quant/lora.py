@@ -58,9 +58,8 @@ class LoraQuantLinear(LoraPackedLinear):
             return None
         dtype = base.config.compute_dtype
         adapter = acting[0]
-        if x.dtype != dtype or not branch_dtype_fits(
-            dtype, self.lora_A[adapter], self.lora_B[adapter]
-        ):
+        A, B = self._adapter_pair(adapter)
+        if x.dtype != dtype or not branch_dtype_fits(dtype, A.dtype, B.dtype):
             return None
         return adapter
 
