@@ -173,10 +173,8 @@ def lora_grads(
     dropped = kept = None
     if seed is not None and (need_x or need_A):
         dropped, kept = rebuild_kept(x2, saved_mask, seed, ctx.shared)
-    if need_B:
-        grad_B = (
-            (u.t() @ g_branch).mul_(c).t().contiguous()
-        )  # (out, r); MKL is faster this way round
+    if need_B:  # (out, r), as uᵀg transposed: MKL is faster this way round
+        grad_B = (u.t() @ g_branch).mul_(c).t().contiguous()
     if need_x or need_A:
         grad_u = (g_branch @ B).mul_(c)  # (N, r)
         if need_A:
