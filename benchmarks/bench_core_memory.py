@@ -172,9 +172,7 @@ def print_results(results: dict[str, harness.ChildResult]) -> None:
 
 
 def parent_main(args: argparse.Namespace) -> None:
-    cases = [case.strip() for case in args.cases.split(",") if case.strip()]
-    if not cases or any(case not in CASES for case in cases):
-        raise SystemExit(f"--cases got {args.cases!r}; allowed: {', '.join(CASES)}")
+    cases = harness.parse_cases(args.cases, CASES)
     harness.pin_threads(args.threads)
     libs = [case for case in cases if case != "full"]
     harness.load_libs(libs)  # fail here, not in a child, when a library is missing
@@ -184,10 +182,7 @@ def parent_main(args: argparse.Namespace) -> None:
         f"\n{args.size} model, batch {args.batch} x {args.seq}, {args.steps} AdamW steps,"
         f" LoRA r=16 all-linear dropout {LORA_DROPOUT}, activation checkpointing {checkpointing}\n"
     )
-    results: dict[str, harness.ChildResult] = {}
-    for case in cases:
-        results[case] = harness.run_child(child_argv(case, args))
-        print(f"{case}: done in {results[case].wall_seconds:.1f} s", flush=True)
+    results = harness.run_children(cases, lambda case: child_argv(case, args))
     print()
     print_results(results)
 

@@ -142,9 +142,7 @@ def print_results(results: dict[str, harness.ChildResult]) -> None:
 
 
 def parent_main(args: argparse.Namespace) -> None:
-    cases = [case.strip() for case in args.cases.split(",") if case.strip()]
-    if not cases or any(case not in CASES for case in cases):
-        raise SystemExit(f"--cases got {args.cases!r}; allowed: {', '.join(CASES)}")
+    cases = harness.parse_cases(args.cases, CASES)
     harness.pin_threads(args.threads)
     harness.load_libs(["lorakit"])  # fail here, not in a child, when lorakit is missing
     harness.print_machine()
@@ -152,10 +150,7 @@ def parent_main(args: argparse.Namespace) -> None:
         f"\n{args.size} model (fp32), LoRA r=16 alpha=32 all-linear, NF4 blocks of 64 with "
         f"double quantization, loftq_iter={args.loftq_iter}\n"
     )
-    results: dict[str, harness.ChildResult] = {}
-    for case in cases:
-        results[case] = harness.run_child(child_argv(case, args))
-        print(f"{case}: done in {results[case].wall_seconds:.1f} s", flush=True)
+    results = harness.run_children(cases, lambda case: child_argv(case, args))
     print()
     print_results(results)
 

@@ -172,9 +172,7 @@ def drop_from_page_cache(folder: Path) -> None:
 
 
 def parent_main(args: argparse.Namespace) -> None:
-    cases = [case.strip() for case in args.cases.split(",") if case.strip()]
-    if not cases or any(case not in CASES for case in cases):
-        raise SystemExit(f"--cases got {args.cases!r}; allowed: {', '.join(CASES)}")
+    cases = harness.parse_cases(args.cases, CASES)
     harness.pin_threads(args.threads)
     harness.load_libs(["lorakit"])  # fail here, not in a child, when lorakit is missing
     harness.print_machine()
@@ -191,10 +189,7 @@ def parent_main(args: argparse.Namespace) -> None:
             print(f"checkpoint: saved in {saved.wall_seconds:.1f} s", flush=True)
             if not args.warm_checkpoint:
                 drop_from_page_cache(checkpoint)
-        results: dict[str, harness.ChildResult] = {}
-        for case in cases:
-            results[case] = harness.run_child(child_argv(case, args, checkpoint))
-            print(f"{case}: done in {results[case].wall_seconds:.1f} s", flush=True)
+        results = harness.run_children(cases, lambda case: child_argv(case, args, checkpoint))
     print()
     print_results(results)
 

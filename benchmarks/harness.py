@@ -366,6 +366,25 @@ def run_child(argv: Sequence[str], env: dict[str, str] | None = None) -> ChildRe
     return ChildResult(report=report, peak_rss_kib=int(usage.ru_maxrss), wall_seconds=wall)
 
 
+def parse_cases(text: str, allowed: Sequence[str]) -> list[str]:
+    """The comma-separated `--cases` value as a list; exits naming the allowed cases."""
+    cases = [case.strip() for case in text.split(",") if case.strip()]
+    if not cases or any(case not in allowed for case in cases):
+        raise SystemExit(f"--cases got {text!r}; allowed: {', '.join(allowed)}")
+    return cases
+
+
+def run_children(
+    cases: Sequence[str], argv_of: Callable[[str], Sequence[str]]
+) -> dict[str, ChildResult]:
+    """Runs one fresh child per case, one after another, printing each one's wall time."""
+    results: dict[str, ChildResult] = {}
+    for case in cases:
+        results[case] = run_child(argv_of(case))
+        print(f"{case}: done in {results[case].wall_seconds:.1f} s", flush=True)
+    return results
+
+
 def self_peak_rss_kib() -> int:
     """This process's own peak RSS so far (getrusage RUSAGE_SELF, KiB on Linux)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

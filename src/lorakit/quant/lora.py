@@ -26,11 +26,11 @@ class LoraQuantLinear(LoraPackedLinear):
     """
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_name = self._fusable_adapter(x, args, kwargs)
-        if adapter_name is None:
+        fusable = self._fusable_adapter(x, args, kwargs)
+        if fusable is None:
             return super().forward(x, *args, **kwargs)
+        adapter_name, A, B = fusable
         base = self._quant_base()
-        A, B = self._adapter_pair(adapter_name)
         p = self.lora_dropout_p[adapter_name] if self.training else 0.0
         shared = self.routing.shared_dropout
         dtype = base.config.compute_dtype
@@ -38,8 +38,11 @@ class LoraQuantLinear(LoraPackedLinear):
         scale = self.scaling[adapter_name]
         return lora_linear_4bit(x, base.quantized, bias, A, B, scale, p, shared)
 
-    def _fusable_adapter(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: Any) -> str | None:
-        """The one acting adapter when base and update can run as one fused node, else None.
+    def _fusable_adapter(
+        self, x: torch.Tensor, args: tuple[Any, ...], kwargs: Any
+    ) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        """(name, A, B) of the one acting adapter when base and update can run as one fused
+        node, else None.
 
         That needs a plain `QuantLinear` without hooks, x in the compute dtype, the adapter in
         that dtype or fp32 (on a bf16/fp16 compute dtype), and no autocast (which picks
@@ -57,11 +60,10 @@ class LoraQuantLinear(LoraPackedLinear):
         if torch.is_autocast_enabled(x.device.type):
             return None
         dtype = base.config.compute_dtype
-        adapter = acting[0]
-        A, B = self._adapter_pair(adapter)
+        A, B = self._adapter_pair(acting[0])
         if x.dtype != dtype or not branch_dtype_fits(dtype, A.dtype, B.dtype):
             return None
-        return adapter
+        return acting[0], A, B
 
     def _quant_base(self) -> QuantLinear:
         base = self.base_layer
