@@ -23,6 +23,7 @@ from parity.parity_support import (
     STATE_TOL,
     Pair,
     adapted_names,
+    assert_forward_matches_peft,
     build_pair,
     changes_output,
     image_batch,
@@ -120,7 +121,7 @@ def test_second_adapter_and_set_adapter_match_peft(name: str) -> None:
     assert trainable_names(lorakit_model) == trainable_names(peft_model)
     inputs = case.inputs()
     output_a = run(peft_model, inputs)
-    assert max_abs_diff(run(lorakit_model, inputs), output_a) <= FORWARD_TOL
+    assert_forward_matches_peft(run(lorakit_model, inputs), peft_model, inputs)
     peft_model.set_adapter("b")
     lorakit_model.set_adapter("b")
     assert lorakit_model.active_adapter == peft_model.active_adapter == "b"
@@ -128,7 +129,7 @@ def test_second_adapter_and_set_adapter_match_peft(name: str) -> None:
     assert lorakit_model.get_nb_trainable_parameters() == peft_model.get_nb_trainable_parameters()
     output_b = run(peft_model, inputs)
     assert changes_output(output_b, output_a)
-    assert max_abs_diff(run(lorakit_model, inputs), output_b) <= FORWARD_TOL
+    assert_forward_matches_peft(run(lorakit_model, inputs), peft_model, inputs)
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -230,9 +231,8 @@ def test_mixed_adapter_batch_matches_peft(name: str) -> None:
     pair = two_adapter_pair(case)
     inputs = case.inputs(batch=3)
     rows = ["a", lorakit.BASE_ADAPTER_NAME, "b"]
-    expected = run(pair.peft_model, inputs, adapter_names=rows)
     got = run(pair.lorakit_model, inputs, adapter_names=rows)
-    assert max_abs_diff(got, expected) <= FORWARD_TOL
+    assert_forward_matches_peft(got, pair.peft_model, inputs, adapter_names=rows)
     # Each row really used its own adapter: row 1 is the base's, rows 0 and 2 differ from it.
     base_output = run(pair.base, inputs)
     assert max_abs_diff(got[1], base_output[1]) <= FORWARD_TOL
@@ -260,7 +260,7 @@ def test_delete_adapter_matches_peft(name: str) -> None:
     assert _without_wrapper_parts(got_keys) == _without_wrapper_parts(expected_keys)
     assert trainable_names(lorakit_model) == trainable_names(peft_model)
     inputs = case.inputs()
-    assert max_abs_diff(run(lorakit_model, inputs), run(peft_model, inputs)) <= FORWARD_TOL
+    assert_forward_matches_peft(run(lorakit_model, inputs), peft_model, inputs)
 
 
 def test_print_trainable_parameters_matches_peft(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from parity.parity_support import (
-    FORWARD_TOL,
     adapted_names,
+    assert_forward_matches_peft,
     build_pair,
     changes_output,
     image_batch,
     layer_settings,
-    max_abs_diff,
     run,
     tiny_bert_classifier,
     tiny_gpt2,
@@ -103,7 +102,7 @@ def _check_forward(pair: Any, inputs: dict[str, torch.Tensor]) -> None:
     got = run(pair.lorakit_model, inputs)
     # The adapters must matter, or agreement would prove nothing.
     assert changes_output(expected, run(pair.base, inputs))
-    assert max_abs_diff(got, expected) <= FORWARD_TOL
+    assert_forward_matches_peft(got, pair.peft_model, inputs)
 
 
 @pytest.mark.parametrize("all_linear", [False, True], ids=["targets", "all-linear"])

@@ -25,14 +25,13 @@ from torch import nn
 import lorakit
 from lorakit.constants import DEFAULT_TARGET_MODULES
 from parity.parity_support import (
-    FORWARD_TOL,
     Pair,
     adapted_names,
+    assert_forward_matches_peft,
     build_pair,
     changes_output,
     image_batch,
     layer_settings,
-    max_abs_diff,
     run,
     tiny_bert_classifier,
     tiny_cnn,
@@ -70,9 +69,8 @@ def check_same_structure(pair: Pair) -> None:
 
 def check_same_forward(pair: Pair, inputs: Inputs) -> None:
     pair.copy_peft_weights()
-    expected = run(pair.peft_model, inputs)
-    assert changes_output(expected, run(pair.base, inputs))
-    assert max_abs_diff(run(pair.lorakit_model, inputs), expected) <= FORWARD_TOL
+    assert changes_output(run(pair.peft_model, inputs), run(pair.base, inputs))
+    assert_forward_matches_peft(run(pair.lorakit_model, inputs), pair.peft_model, inputs)
 
 
 def check_parity(make_base: Callable[[], nn.Module], **config: Any) -> Pair:
@@ -455,4 +453,4 @@ def test_option_combinations_match_peft(config: dict[str, Any]) -> None:
     # A weak draw (one small projection, s = 1/4) can move the logits by less than 100 x the
     # tolerance; agreement then says nothing about the adapters, so the example is discarded.
     assume(changes_output(expected, run(pair.base, inputs)))
-    assert max_abs_diff(run(pair.lorakit_model, inputs), expected) <= FORWARD_TOL
+    assert_forward_matches_peft(run(pair.lorakit_model, inputs), pair.peft_model, inputs)
