@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lorakit.ops import lora as lora_ops
 from lorakit.ops.dropout import draw_seed, drop_mask, pack_mask, unpack_mask
 from lorakit.ops.lora import add_lora_linear, conv_delta_weight, delta_weight, lora_scale
 
@@ -90,15 +92,65 @@ def test_inference_path_writes_in_place_and_matches() -> None:
     assert torch.allclose(out, expected, atol=EXACT, rtol=0)
 
 
-def test_mixed_dtypes_take_the_reference_path() -> None:
-    x = torch.randn(4, 6, dtype=torch.bfloat16)
-    A = torch.randn(2, 6)
-    B = torch.randn(3, 2)
-    base = torch.randn(4, 3, dtype=torch.bfloat16)
+# bf16 keeps 8 significant bits: rounding an exact value to it moves it by at most 2^-8 of
+# itself (half an ulp). The reference path sums in fp32 first, off from exact by a few fp32
+# ulps (2^-24) of the terms' magnitudes before that single rounding.
+BF16_ROUNDING = 2.0**-8
+FP32_SUM_SLACK = 2.0**-20
+
+
+def _count_routes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count calls of the plain reference path and of the fused autograd node in `ops.lora`."""
+    calls = {"reference": 0, "fused": 0}
+    reference, fused = lora_ops._add_lora_linear_reference, lora_ops._LoraUpdate.apply
+
+    def counted_reference(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["reference"] += 1
+        return reference(*args, **kwargs)
+
+    def counted_fused(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["fused"] += 1
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(lora_ops, "_add_lora_linear_reference", counted_reference)
+    monkeypatch.setattr(lora_ops._LoraUpdate, "apply", counted_fused)
+    return calls
+
+
+@pytest.mark.parametrize("needs_grad", [False, True], ids=["no-grad", "autograd"])
+def test_mixed_dtypes_take_the_reference_path(
+    monkeypatch: pytest.MonkeyPatch, needs_grad: bool
+) -> None:
+    """A bf16 input and base output with fp32 adapters: the plain reference path, not the fused
+    node nor the in-place no-grad path, and one rounding of an fp32 sum into bf16."""
+    calls = _count_routes(monkeypatch)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 6, generator=generator).to(torch.bfloat16)
+    A = torch.randn(2, 6, generator=generator).requires_grad_(needs_grad)
+    B = torch.randn(3, 2, generator=generator).requires_grad_(needs_grad)
+    base = torch.randn(4, 3, generator=generator).to(torch.bfloat16)
+    base_before = base.clone()
     out = add_lora_linear(base, x, A, B, 0.5)
+    assert calls == {"reference": 1, "fused": 0}
+    assert torch.equal(base, base_before)  # the no-grad path would have written into it
     assert out.dtype == torch.bfloat16
-    expected = (base.float() + 0.5 * (x.float() @ A.t() @ B.t())).to(torch.bfloat16)
-    assert torch.allclose(out.float(), expected.float(), atol=0.05, rtol=0.02)
+    assert out.requires_grad == needs_grad
+    branch = 0.5 * (x.double() @ A.detach().double().t() @ B.detach().double().t())
+    exact = base.double() + branch
+    terms = base.double().abs() + 0.5 * (
+        x.double().abs() @ A.detach().double().abs().t() @ B.detach().double().abs().t()
+    )
+    limit = BF16_ROUNDING * exact.abs() + FP32_SUM_SLACK * terms
+    assert bool(((out.double() - exact).abs() <= limit).all())
+
+
+def test_same_dtype_under_autograd_takes_the_fused_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counterpart that shows the counting sees the other route."""
+    calls = _count_routes(monkeypatch)
+    x = torch.randn(4, 6)
+    A, B = torch.randn(2, 6, requires_grad=True), torch.randn(3, 2, requires_grad=True)
+    add_lora_linear(torch.randn(4, 3), x, A, B, 0.5)
+    assert calls == {"reference": 0, "fused": 1}
 
 
 def test_drop_mask_is_deterministic_and_has_rate_p() -> None:
