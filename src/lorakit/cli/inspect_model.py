@@ -19,14 +19,17 @@ def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "inspect", help="Show modules, suggested targets and LoRA parameter counts per rank."
     )
-    parser.add_argument("path", help="Folder of a transformers model.")
+    parser.add_argument("path", metavar="MODEL", help="Model folder, or hub id.")
     parser.add_argument(
         "--target-modules",
         nargs="+",
         default=None,
+        metavar="NAME",
         help="Targets to count (names, one regex, or all-linear); default: the suggestion.",
     )
-    parser.add_argument("--max-depth", type=int, default=4, help="Depth of the module tree.")
+    parser.add_argument(
+        "--max-depth", type=int, default=4, metavar="N", help="Depth of the module tree (4)."
+    )
 
 
 def adapter_parameters_per_rank(model: nn.Module, config: LoraConfig) -> tuple[int, int]:

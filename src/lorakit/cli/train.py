@@ -1,71 +1,52 @@
-"""`lorakit train`: fine-tune a local transformers model with LoRA from a config file and flags.
+"""`lorakit train`: fine-tune a transformers model with LoRA from a config file and flags.
 
     lorakit train --config run.yaml --max-steps 200   # flags override the file
 
-The config file (YAML or JSON) holds ``TrainConfig`` options plus the run's inputs: ``model``,
-``train_data``, ``eval_data``, ``task``, ``target_modules``, ``r``, ``lora_alpha``,
-``lora_dropout``. Errors a person can fix (a missing file, a bad row or option) are printed
-without a traceback and exit with status 2; a run stopped by a non-finite loss exits with 1.
-Under ``torchrun`` every process is one rank of a data-parallel run (``docs/distributed.md``).
+The config file (YAML or JSON) holds the run's inputs and ``TrainConfig`` options, a ``lora:``
+section and a ``quantization:`` section (``lorakit.cli.train_options``). Every flag passes
+through ``torchrun`` unchanged: none is a prefix of a torchrun option (``--r``, the old name
+of ``--lora-r``, is the one exception and is kept for plain runs). Errors a person can fix (a
+missing file, a bad row or option) are printed without a traceback and exit with status 2; a
+run stopped by a non-finite loss exits with 1. Under ``torchrun`` every process is one rank of
+a data-parallel run (``docs/distributed.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
-from pathlib import Path
-from typing import Any
+import types
+import typing
+from typing import Any, Literal
 
+from ..config import LoraConfig
 from ..errors import LorakitError
-from ..train.config import (
-    PRECISIONS,
-    SCHEDULERS,
-    STRATEGIES,
-    check_known_fields,
-    field_names,
-    read_config_file,
-)
+from ..train.config import TrainConfig, read_config_file
+from .formatting import attribute_docs, escape, show_default
+from .train_model import AUTO_CLASSES
+from .train_options import LORA_DEFAULTS, RunOptions, gather_options, split_target_modules
 
-INPUT_OPTIONS: tuple[str, ...] = (
-    "model",
-    "train_data",
-    "eval_data",
-    "task",
-    "target_modules",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
+USAGE = "%(prog)s [--config FILE] [--model ID] [--train-data FILE] [options]"
+# Flags whose text is not a `LoraConfig` docstring entry (their values are written differently).
+TARGET_MODULES_HELP = (
+    "Comma-separated module names, or all-linear (a regex: target_modules in the config "
+    "file's lora: section)."
 )
-INPUT_DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
-# TrainConfig field -> (argparse type, help); `resume` and the boolean flag are added apart.
-TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
-    "epochs": (int, "passes over the training data"),
-    "max_steps": (int, "optimizer steps (overrides --epochs)"),
-    "batch_size": (int, "examples per micro-batch"),
-    "gradient_accumulation_steps": (int, "micro-batches per optimizer step"),
-    "learning_rate": (float, "peak AdamW learning rate"),
-    "lr_scheduler": (str, f"one of {', '.join(SCHEDULERS)}"),
-    "warmup_steps": (int, "linear warmup steps"),
-    "warmup_ratio": (float, "warmup as a fraction of all steps"),
-    "weight_decay": (float, "AdamW weight decay on matrices"),
-    "max_grad_norm": (float, "gradient clipping norm (0: off)"),
-    "max_length": (int, "truncate inputs to this many tokens"),
-    "seed": (int, "seed of shuffling, dropout and new heads"),
-    "precision": (str, f"one of {', '.join(PRECISIONS)}"),
-    "eval_steps": (int, "evaluate every N steps (default: at the end)"),
-    "save_steps": (int, "checkpoint every N steps"),
-    "save_total_limit": (int, "checkpoints to keep"),
-    "logging_steps": (int, "log the training loss every N steps"),
-    "output_dir": (str, "folder for metrics, checkpoints, adapter, plot, summary"),
-    "strategy": (str, f"under torchrun: {' or '.join(STRATEGIES)} (fsdp shards the base)"),
-}
-AUTO_CLASSES: dict[str, str] = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-}
+INIT_CHOICES = ("true", "false", "gaussian", "loftq")
+# Argument groups: (title, description); descriptions are printed as written (<= 76 columns).
+LORA_GROUP = (
+    "LoRA (config file: the lora: section)",
+    "The lora: section takes every LoraConfig field (docs/training.md).\n"
+    "--r is the old name of --lora-r: torchrun rejects it, use --lora-r there.",
+)
+QUANT_GROUP = (
+    "4-bit base (config file: the quantization: section)",
+    "The section takes load_in_4bit, quant_type (nf4, fp4), blocksize,\n"
+    "double_quant, compute_dtype, skip_modules and torch_dtype.",
+)
+METAVARS: dict[type, str] = {int: "N", float: "X", str: "PATH"}
 USAGE_ERROR = 2
 RUN_FAILED = 1
 
@@ -73,109 +54,135 @@ RUN_FAILED = 1
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand to ``subparsers`` (from ``add_subparsers``)."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "train", help="Fine-tune a local transformers model with LoRA (config file and flags)."
+        "train",
+        help="Fine-tune a transformers model with LoRA or QLoRA (config file and flags).",
+        description="Fine-tune a transformers model with LoRA or QLoRA; flags override --config.",
+        usage=USAGE,
     )
-    parser.add_argument("--config", help="YAML or JSON file of options (flags override it)")
-    parser.add_argument("--model", help="local transformers model folder")
-    parser.add_argument("--train-data", help="training rows: .jsonl, .json, .csv or .tsv")
-    parser.add_argument("--eval-data", help="evaluation rows, same formats")
-    parser.add_argument(
-        "--task", help="CAUSAL_LM, SEQ_CLS, TOKEN_CLS or SEQ_2_SEQ_LM (default: from rows)"
+    inputs = parser.add_argument_group("run inputs")
+    inputs.add_argument("--config", metavar="FILE", help="YAML or JSON file of options.")
+    inputs.add_argument(
+        "--model", metavar="ID", help="Model folder, or hub id (from the cache when offline)."
     )
-    parser.add_argument("--target-modules", help="comma-separated module names, or all-linear")
-    parser.add_argument("--r", type=int, help="LoRA rank (default 8)")
-    parser.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
-    parser.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
-    for name, (kind, text) in TRAIN_FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
-    parser.add_argument(
-        "--gradient-checkpointing", action="store_true", default=None, help="recompute activations"
+    inputs.add_argument("--train-data", metavar="FILE", help="Rows: .jsonl, .json, .csv, .tsv.")
+    inputs.add_argument("--eval-data", metavar="FILE", help="Evaluation rows, same formats.")
+    inputs.add_argument(
+        "--task",
+        choices=tuple(AUTO_CLASSES),
+        help="The model's task (default: detected from the rows).",
     )
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
+    _add_lora_flags(parser.add_argument_group(*LORA_GROUP))
+    quant = parser.add_argument_group(*QUANT_GROUP)
+    quant.add_argument(
+        "--load-in-4bit",
+        action="store_true",
         default=None,
-        help="resume from the newest checkpoint in --output-dir, or from the given folder",
+        help="Load the base's linear weights in 4 bits (settings: the quantization: section, "
+        "else NF4 with double quantization).",
     )
+    _add_train_config_flags(parser.add_argument_group("training (TrainConfig)"))
     return parser
 
 
-def _options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(run inputs, TrainConfig values): the config file's, overridden by the flags."""
-    from_file = read_config_file(args.config) if args.config else {}
-    check_known_fields(from_file, (*INPUT_OPTIONS, *field_names()), "config file")
-    inputs = {**INPUT_DEFAULTS, **{k: v for k, v in from_file.items() if k in INPUT_OPTIONS}}
-    train = {k: v for k, v in from_file.items() if k not in INPUT_OPTIONS}
-    flags = vars(args)
-    inputs.update({k: flags[k] for k in INPUT_OPTIONS if flags.get(k) is not None})
-    train.update({k: flags[k] for k in field_names() if flags.get(k) is not None})
-    for name in ("model", "train_data"):
-        if not inputs.get(name):
-            raise LorakitError(
-                f"no {name} given; pass --{name.replace('_', '-')} or set {name!r} in --config."
-            )
-    return inputs, train
+def _add_lora_flags(group: argparse._ArgumentGroup) -> None:
+    docs = attribute_docs(LoraConfig)
+    defaults = {item.name: item.default for item in dataclasses.fields(LoraConfig)}
+    defaults.update(LORA_DEFAULTS)
+
+    def add(names: tuple[str, ...], dest: str, text: str, **options: Any) -> None:
+        action = group.add_argument(*names, dest=dest, help=escape(text), **options)
+        show_default(action, defaults[dest])
+
+    add(("--lora-r", "--r"), "r", docs["r"], type=int, metavar="N")
+    add(("--lora-alpha",), "lora_alpha", docs["lora_alpha"], type=number, metavar="X")
+    add(("--lora-dropout",), "lora_dropout", docs["lora_dropout"], type=float, metavar="P")
+    add(
+        ("--target-modules",),
+        "target_modules",
+        TARGET_MODULES_HELP,
+        type=split_target_modules,
+        metavar="NAMES",
+    )
+    add(("--use-rslora",), "use_rslora", docs["use_rslora"], action="store_true", default=None)
+    add(
+        ("--init-lora-weights",),
+        "init_lora_weights",
+        docs["init_lora_weights"],
+        type=_init_option,
+        metavar="{" + ",".join(INIT_CHOICES) + "}",
+    )
 
 
-def _target_modules(value: Any) -> list[str] | str | None:
-    if value is None or isinstance(value, list):
-        return value
-    text = str(value)
-    return text if text == "all-linear" else [part.strip() for part in text.split(",") if part]
+def _add_train_config_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per `TrainConfig` field, its help the field's docstring entry."""
+    docs = attribute_docs(TrainConfig)
+    hints = typing.get_type_hints(TrainConfig)
+    for item in dataclasses.fields(TrainConfig):
+        assert item.name in docs, f"TrainConfig's docstring does not document {item.name}"
+        flag = "--" + item.name.replace("_", "-")
+        action = group.add_argument(
+            flag, help=escape(docs[item.name]), **_flag_options(hints[item.name])
+        )
+        show_default(action, item.default)
 
 
-def _number(value: Any) -> int | float:
+def _flag_options(hint: Any) -> dict[str, Any]:
+    """argparse keywords for a field of type ``hint``; every flag defaults to None (not given)."""
+    if typing.get_origin(hint) is Literal:
+        return {"choices": typing.get_args(hint), "default": None}
+    kinds = set(typing.get_args(hint)) - {type(None)} if _is_union(hint) else {hint}
+    if kinds == {bool}:
+        return {"action": "store_true", "default": None}
+    if kinds == {bool, str}:  # `resume`: alone it means True, with a value that checkpoint
+        return {"nargs": "?", "const": True, "default": None, "metavar": "DIR"}
+    (kind,) = kinds
+    return {"type": kind, "default": None, "metavar": METAVARS[kind]}
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def number(text: str) -> int | float:
     """An int when the value is whole (PEFT's config files hold ``lora_alpha: 16``)."""
-    number = float(value)
-    return int(number) if number.is_integer() else number
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
-def _load_model(folder: Path, task: str, train: Any) -> Any:
-    """The model folder's weights under the auto class of ``task`` (with a new head if needed)."""
+def _init_option(text: str) -> bool | str:
+    """``--init-lora-weights``: true/false as booleans, a method name as it is."""
+    lowered = text.lower()
+    if lowered not in INIT_CHOICES:
+        raise argparse.ArgumentTypeError(f"use one of {', '.join(INIT_CHOICES)}")
+    return {"true": True, "false": False}.get(lowered, lowered)
+
+
+def _train(options: RunOptions) -> dict[str, Any]:
     import transformers
 
-    auto_class = getattr(transformers, AUTO_CLASSES[task])
-    options: dict[str, Any] = {}
-    if train.id_to_label is not None and task in ("SEQ_CLS", "TOKEN_CLS"):
-        id2label = {index: str(label) for index, label in train.id_to_label.items()}
-        label2id = {label: index for index, label in id2label.items()}
-        options = {"num_labels": len(id2label), "id2label": id2label, "label2id": label2id}
-    return auto_class.from_pretrained(folder, **options)
-
-
-def _train(inputs: dict[str, Any], train_options: dict[str, Any]) -> dict[str, Any]:
-    import transformers
-
-    from .. import LoraConfig, get_peft_model
-    from ..train import TrainConfig, Trainer
+    from .. import get_peft_model
+    from ..train import Trainer
     from ..train.checkpoint import seed_everything
     from ..train.data import prepare_datasets
+    from .train_model import check_model, load_base
 
-    config = TrainConfig.from_dict(train_options)
-    folder = Path(inputs["model"])
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model folder {folder} has no config.json; pass a local transformers model folder "
-            "(config.json, weights and tokenizer files), e.g. one written by save_pretrained."
-        )
+    config = TrainConfig.from_dict(options.train)
+    model_id = str(options.inputs["model"])
+    check_model(model_id)
+    lora_options = {"base_model_name_or_path": model_id, **options.lora}
+    LoraConfig(**lora_options)  # a bad LoRA option fails before the data is read
     seed_everything(config.seed)  # the new classification head and LoRA init
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
     train, evaluation = prepare_datasets(
-        inputs["train_data"],
+        options.inputs["train_data"],
         tokenizer,
-        inputs.get("eval_data"),
-        task=inputs.get("task"),
+        options.inputs.get("eval_data"),
+        task=options.inputs.get("task"),
         max_length=config.max_length,
     )
-    lora_config = LoraConfig(
-        task_type=train.task,
-        r=int(inputs["r"]),
-        lora_alpha=_number(inputs["lora_alpha"]),
-        lora_dropout=float(inputs["lora_dropout"]),
-        target_modules=_target_modules(inputs.get("target_modules")),
-    )
-    model = get_peft_model(_load_model(folder, train.task, train), lora_config)
+    lora_config = LoraConfig(**{**lora_options, "task_type": train.task})
+    base = load_base(model_id, train.task, train.id_to_label, options.quantization)
+    model = get_peft_model(base, lora_config)
     return Trainer(model, tokenizer, config, train, evaluation).train()
 
 
@@ -186,9 +193,10 @@ def run_train(args: argparse.Namespace) -> int:
     from ..train.train_errors import NonFiniteLossError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    flags = {key: value for key, value in vars(args).items() if key not in ("command", "config")}
     try:
-        inputs, train_options = _options(args)
-        summary = _train(inputs, train_options)
+        from_file = read_config_file(args.config) if args.config else {}
+        summary = _train(gather_options(from_file, flags))
         is_main = detect_launch().is_main  # under torchrun, rank 0 prints the summary
     except NonFiniteLossError as error:
         print(f"lorakit train: {error}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """``TrainConfig``: every option of a training run, checked once, loadable from YAML or JSON.
 
-Each option is documented once, in the class docstring. A config file is a mapping of field
-names to values; flags override it with ``config.with_overrides(...)``.
+Each option is documented once, in the class docstring's ``Attributes`` section; the command
+line's help texts are read from there (``lorakit.cli.formatting.attribute_docs``). A config
+file is a mapping of field names to values; flags override it with
+``config.with_overrides(...)``.
 """
 
 from __future__ import annotations
@@ -30,35 +32,38 @@ CONFIG_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
 class TrainConfig:
     """Options of a training run.
 
+    Each entry below is the one description of its option: `lorakit train --help` shows it
+    word for word beside the option's flag (``--max-steps`` for `max_steps`, ...).
+
     Attributes:
-        epochs: Passes over the training data (ignored when ``max_steps`` is set).
-        max_steps: Optimizer steps to run; ``None`` runs ``epochs`` epochs.
+        epochs: Passes over the training data (ignored when `max_steps` is set).
+        max_steps: Optimizer steps to run; unset (null): run `epochs` epochs.
         batch_size: Examples per micro-batch (per process).
         gradient_accumulation_steps: Micro-batches per optimizer step. The loss of a step is
-            weighted by label count, so it equals the loss of one batch ``k`` times larger.
+            weighted by label count, so it equals the loss of one batch k times larger.
         learning_rate: Peak AdamW learning rate.
-        lr_scheduler: ``"constant"``, ``"linear"`` (decay to 0) or ``"cosine"`` (to 0), each after
-            a linear warmup from 0.
+        lr_scheduler: constant, linear (decay to 0) or cosine (to 0), each after a linear
+            warmup from 0.
         warmup_steps: Warmup length in optimizer steps.
-        warmup_ratio: Warmup length as a fraction of all steps (use this or ``warmup_steps``).
+        warmup_ratio: Warmup length as a fraction of all steps (use this or `warmup_steps`).
         weight_decay: AdamW decoupled weight decay, applied to matrices only (not to biases or
             other 1-D parameters such as norm scales).
-        max_grad_norm: Clip the global gradient norm to this; ``None`` or 0 disables clipping.
+        max_grad_norm: Clip the global gradient norm to this; null or 0 disables clipping.
         max_length: Truncate inputs to this many tokens.
         seed: Seeds Python, NumPy and torch, the shuffle and dropout.
-        precision: ``"fp32"`` or ``"bf16"`` (``torch.autocast``; weights stay fp32).
+        precision: fp32, or bf16 (`torch.autocast`; weights stay fp32).
         gradient_checkpointing: Recompute activations in backward to save memory.
-        eval_steps: Evaluate every this many steps; ``None``: only at the end.
-        save_steps: Write a checkpoint every this many steps; ``None``: none.
+        eval_steps: Evaluate every this many steps; unset (null): only at the end.
+        save_steps: Write a checkpoint every this many steps; unset (null): none.
         save_total_limit: Keep this many most recent checkpoints.
         logging_steps: Log training loss every this many steps.
-        output_dir: Folder for ``metrics.jsonl``, checkpoints, the adapter, plot and summary.
-        resume: ``True`` resumes from the latest checkpoint in ``output_dir`` (starting afresh
-            when there is none), a path resumes from that checkpoint, ``False`` starts afresh.
-        strategy: How a ``torchrun`` launch splits the work (a single process ignores it):
-            ``"ddp"`` keeps a whole model on every rank and all-reduces the adapter gradients;
-            ``"fsdp"`` shards the model, frozen base included, over the ranks (for bases that do
-            not fit one device). See ``docs/distributed.md``.
+        output_dir: Folder for `metrics.jsonl`, checkpoints, the adapter, plot and summary.
+        resume: True resumes from the latest checkpoint in `output_dir` (starting afresh
+            when there is none), a path resumes from that checkpoint, False starts afresh.
+        strategy: How a torchrun launch splits the work (a single process ignores it): ddp
+            keeps a whole model on every rank and all-reduces the adapter gradients; fsdp
+            shards the model, frozen base included, over the ranks (for bases that do not fit
+            one device). See docs/distributed.md.
     """
 
     epochs: int = 1
