@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+
+from train.cli_support import lorakit_train, read_events, save_tiny_causal_model, write_causal_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 POSITIVE = ["great film", "loved it", "wonderful acting", "a delight", "superb story", "so good"]
@@ -98,7 +101,12 @@ def test_missing_data_file_prints_the_fix_without_traceback(
         (["--train-data", "x.jsonl"], "no model given; pass --model"),
         (
             ["--model", "nowhere", "--train-data", "x.jsonl"],
-            "model folder nowhere has no config.json",
+            "--model 'nowhere' is neither a local model folder nor a model id transformers can "
+            "resolve",
+        ),
+        (
+            ["--model", ".", "--train-data", "x.jsonl"],
+            "model folder . has no config.json; pass a transformers model folder",
         ),
         (
             ["--model", "m", "--train-data", "x", "--batch-size", "0"],
@@ -120,3 +128,47 @@ def test_bad_input_exits_2_with_the_fix(
     monkeypatch.chdir(tmp_path)
     assert run_train(build_parser().parse_args(["train", *args])) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "4bit"])
+def test_a_hub_model_id_resolves_from_the_offline_cache(tmp_path: Path, load_in_4bit: bool) -> None:
+    """``--model org/name`` is read from the Hugging Face cache layout, with the Hub offline."""
+    snapshot_hash = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someorg--tiny"
+    save_tiny_causal_model(repo / "snapshots" / snapshot_hash)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot_hash)
+    write_causal_rows(tmp_path / "train.jsonl")
+    flags = ["--load-in-4bit"] if load_in_4bit else []
+    offline = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    args = ["--model", "someorg/tiny", "--train-data", "train.jsonl", "--max-steps", "2"]
+    result = lorakit_train(*args, "--batch-size", "4", *flags, cwd=tmp_path, env=offline)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [event["step"] for event in read_events(tmp_path / "lorakit-output")] == [2]
+    adapter = tmp_path / "lorakit-output" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "someorg/tiny"
+
+    from lorakit import PeftModel
+
+    # The adapter loads onto the same base, fetched the same way (4-bit when trained so).
+    base = transformers.AutoModelForCausalLM.from_pretrained(repo / "snapshots" / snapshot_hash)
+    model = PeftModel.from_pretrained(base, adapter)
+    assert model.peft_config["default"].r == 8  # lorakit train's default rank
+    # q, k, v, o, gate, up, down of 2 blocks; lm_head stays in full precision
+    quantized = "someorg/tiny: 14 linear layers in 4 bits (nf4" in result.stderr
+    assert quantized == load_in_4bit, result.stderr[-2000:]
+
+
+def test_an_unknown_hub_id_offline_names_the_fix(tmp_path: Path) -> None:
+    write_causal_rows(tmp_path / "train.jsonl")
+    offline = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = lorakit_train(
+        "--model", "someorg/absent", "--train-data", "train.jsonl", cwd=tmp_path, env=offline
+    )
+    assert result.returncode == 2
+    assert "--model 'someorg/absent' is neither a local model folder nor a model id" in (
+        result.stderr
+    )
+    assert "must already be in the Hugging Face cache (HF_HUB_CACHE)" in result.stderr
+    assert "Traceback" not in result.stderr
