@@ -146,7 +146,10 @@ def test_mismatched_adapter_leaves_model_unchanged(tmp_path: Path) -> None:
     )
     base = tiny_llama()
     base_structure = [(k, type(m)) for k, m in base.named_modules()]
-    with pytest.raises(AdapterMismatchError):
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"layers.0.self_attn.q_proj.lora_A: adapter \[4, 48\] vs base expects \[4, 32\]",
+    ):
         PeftModel.from_pretrained(base, tmp_path)
     assert [(k, type(m)) for k, m in base.named_modules()] == base_structure
 

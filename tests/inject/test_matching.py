@@ -124,7 +124,7 @@ def test_unknown_architecture_asks_for_target_modules() -> None:
 def test_failed_injection_leaves_the_model_untouched() -> None:
     model = tiny_llama()
     before = [(k, type(m)) for k, m in model.named_modules()]
-    with pytest.raises(TargetModuleError):
+    with pytest.raises(TargetModuleError, match="Target module 'missing' is not in the base model"):
         get_peft_model(model, LoraConfig(target_modules=["q_proj", "missing"]))
     assert [(k, type(m)) for k, m in model.named_modules()] == before
 

@@ -162,7 +162,8 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "nope" / "train.jsonl"
     with pytest.raises(DataFileNotFoundError, match=r"'.*nope/train\.jsonl' does not exist"):
         read_dataset(path)
-    with pytest.raises(FileNotFoundError):  # also catchable as the built-in
+    # also catchable as the built-in
+    with pytest.raises(FileNotFoundError, match=r"'.*nope/train\.jsonl' does not exist"):
         read_dataset(str(path))
 
 
