@@ -11,7 +11,23 @@ from .auto import (
 )
 from .config import LoftQConfig, LoraConfig, TaskType
 from .constants import BASE_ADAPTER_NAME
+from .functional import (
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
 from .model import LoraModel, PeftModel, get_peft_model
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from .task_models import (
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from .training_prep import cast_mixed_precision_params, prepare_model_for_kbit_training
 from .utils import hotswap_adapter
 
 __version__ = "0.1.0"
@@ -29,7 +45,23 @@ __all__ = [
     "LoraConfig",
     "LoraModel",
     "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "cast_mixed_precision_params",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "hotswap_adapter",
+    "inject_adapter_in_model",
+    "load_peft_weights",
+    "prepare_model_for_kbit_training",
+    "set_peft_model_state_dict",
 ]

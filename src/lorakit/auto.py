@@ -12,12 +12,22 @@ from typing import Any
 from .errors import LorakitError
 from .io import read_adapter_config
 from .model import PeftModel
+from .task_models import (
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
 
 
 class _AutoPeftModel:
-    """Base of the task classes; `auto_class_name` names the transformers auto class."""
+    """Base of the task classes; `auto_class_name` names the transformers auto class and
+    `peft_model_class` the `PeftModel` class returned when the config names no task_type."""
 
     auto_class_name = "AutoModel"
+    peft_model_class: type[PeftModel] = PeftModel
 
     @classmethod
     def from_pretrained(
@@ -39,7 +49,7 @@ class _AutoPeftModel:
             )
         auto_class = getattr(transformers, cls.auto_class_name)
         base = auto_class.from_pretrained(base_path, **model_kwargs)
-        return PeftModel.from_pretrained(
+        return cls.peft_model_class.from_pretrained(
             base, adapter_path, adapter_name=adapter_name, is_trainable=is_trainable
         )
 
@@ -50,23 +60,29 @@ class AutoPeftModel(_AutoPeftModel):
 
 class AutoPeftModelForCausalLM(_AutoPeftModel):
     auto_class_name = "AutoModelForCausalLM"
+    peft_model_class = PeftModelForCausalLM
 
 
 class AutoPeftModelForSequenceClassification(_AutoPeftModel):
     auto_class_name = "AutoModelForSequenceClassification"
+    peft_model_class = PeftModelForSequenceClassification
 
 
 class AutoPeftModelForTokenClassification(_AutoPeftModel):
     auto_class_name = "AutoModelForTokenClassification"
+    peft_model_class = PeftModelForTokenClassification
 
 
 class AutoPeftModelForSeq2SeqLM(_AutoPeftModel):
     auto_class_name = "AutoModelForSeq2SeqLM"
+    peft_model_class = PeftModelForSeq2SeqLM
 
 
 class AutoPeftModelForQuestionAnswering(_AutoPeftModel):
     auto_class_name = "AutoModelForQuestionAnswering"
+    peft_model_class = PeftModelForQuestionAnswering
 
 
 class AutoPeftModelForFeatureExtraction(_AutoPeftModel):
     auto_class_name = "AutoModel"
+    peft_model_class = PeftModelForFeatureExtraction

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .config_files import ConfigFilesMixin
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class LoftQConfig:
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(ConfigFilesMixin):
     """The options of one LoRA adapter.
 
     Attributes:

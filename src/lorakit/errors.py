@@ -37,6 +37,10 @@ class HotswapError(LorakitError, ValueError):
     """An adapter file cannot replace an existing adapter's weights in place."""
 
 
+class AdapterStateError(LorakitError, ValueError):
+    """The model's adapters are not in the state a call needs (none there, or not loaded yet)."""
+
+
 def closest_names(name: str, candidates: Iterable[str], limit: int = 5) -> list[str]:
     """Return the candidates that look most like `name`, best first, for 'did you mean' hints."""
     unique = sorted(set(candidates))

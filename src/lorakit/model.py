@@ -26,35 +26,18 @@ from .inject import (
     unwrap_model,
     wrapped_module,
 )
+from .inject.trainable import refresh_trainable
 from .layers.base import LoraLayer
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .layers.routing import AdapterRouting, batch_size_of, row_groups_for
+from .lora_model import LoraModel
+from .model_controls import AdapterControlsMixin
 from .model_files import AdapterFilesMixin
 
 logger = logging.getLogger(__name__)
 
 
-class LoraModel(nn.Module):
-    """Holds the user's model as `.model`; every lorakit layer in it reads `routing`."""
-
-    def __init__(self, model: nn.Module, routing: AdapterRouting) -> None:
-        super().__init__()
-        self.model = model
-        self.routing = routing
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
-
-
-class PeftModel(AdapterFilesMixin, nn.Module):
+class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
     """A base model with LoRA adapters; calls and unknown attributes pass through to the base."""
 
     def __init__(
@@ -70,6 +53,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         super().__init__()
         self.routing = AdapterRouting()
         self.base_model = LoraModel(model, self.routing)
+        self.base_model.attach(self)
         self.peft_config: dict[str, LoraConfig] = {}
         self._wrapper_cache: list[tuple[str, LoraLayer | ModulesToSaveWrapper]] | None = None
         model.requires_grad_(False)
@@ -80,7 +64,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage,
         )
-        self.set_adapter(adapter_name)
+        self.set_adapter(adapter_name, self.peft_config[adapter_name].inference_mode)
 
     # --- pass-through ----------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -211,14 +195,23 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Make these adapters the active ones (one assignment; trainability follows)."""
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Make these adapters the active ones (one assignment; trainability follows).
+
+        As in PEFT, they become trainable, or frozen with `inference_mode=True` (their configs'
+        `inference_mode` says which from then on); the adapters left inactive are frozen.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_exist(names)
         changed = set(self.routing.active_adapters) ^ set(names)
+        flipped = {
+            name for name in names if self.peft_config[name].inference_mode != inference_mode
+        }
+        for name in flipped:
+            self.peft_config[name].inference_mode = inference_mode
         self.routing.active_adapters = tuple(names)
-        if any(not self.peft_config[name].inference_mode for name in changed):
-            self._refresh_trainable(changed)
+        if flipped or any(not self.peft_config[name].inference_mode for name in changed):
+            self._refresh_trainable(changed | flipped)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer; wrappers left with no adapter are unwrapped."""
@@ -354,23 +347,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         self._wrappers_changed()
         return unwrap_model(self.get_base_model(), keep_trained_heads=False)
 
-    # --- parameters ------------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """Return (trainable parameters, all parameters)."""
-        trainable = total = 0
-        for parameter in self.parameters():
-            total += parameter.numel()
-            if parameter.requires_grad:
-                trainable += parameter.numel()
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} "
-            f"|| trainable%: {100 * trainable / total:.4f}"
-        )
-
+    # --- parameters (counts: model_controls) ----------------------------------------------
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Checkpoint the base model's blocks; inputs require grad so frozen blocks still
         pass gradients through to the adapters inside them."""
@@ -417,29 +394,14 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         self._wrapper_cache = None
 
     def _refresh_trainable(self, adapter_names: set[str] | None = None) -> None:
-        """Active, non-inference adapters train; `bias` decides which biases train too.
-
-        With `adapter_names`, only those adapters' tensors are updated (a switch touches only
-        the adapters it activates or deactivates).
-        """
-        active = set(self.routing.active_adapters)
-        model = self.get_base_model()
-        for _, wrapper in self._wrappers():
-            for name in wrapper.adapter_names:
-                if adapter_names is not None and name not in adapter_names:
-                    continue
-                config = self.peft_config.get(name)
-                is_trainable = name in active and config is not None and not config.inference_mode
-                wrapper.set_adapter_trainable(name, is_trainable)
-        for name in active:
-            config = self.peft_config[name]
-            if config.inference_mode or config.bias == "none":
-                continue
-            for key, parameter in model.named_parameters():
-                if not key.endswith("bias") or ".original_module." in f".{key}":
-                    continue
-                if config.bias == "all" or ".base_layer." in f".{key}":
-                    parameter.requires_grad_(True)
+        """Active, non-inference adapters train (`inject.trainable.refresh_trainable`)."""
+        refresh_trainable(
+            self.get_base_model(),
+            self._wrappers(),
+            self.peft_config,
+            self.routing.active_adapters,
+            adapter_names,
+        )
 
     @contextmanager
     def _rows_routed(
@@ -472,7 +434,10 @@ def get_peft_model(
     The options are `PeftModel.add_adapter`'s (fp32 adapters on half-precision bases; meta
     tensors to be loaded later).
     """
-    return PeftModel(
+    from .task_models import peft_model_class_for  # the task classes subclass PeftModel
+
+    model_class = peft_model_class_for(peft_config, PeftModel)
+    return model_class(
         model,
         peft_config,
         adapter_name=adapter_name,

@@ -101,7 +101,11 @@ class AdapterFilesMixin:
         folder = Path(model_id) if subfolder is None else Path(model_id) / subfolder
         if config is None:
             config = config_from_file(read_adapter_config(folder), is_trainable)
-        peft_model = cast("type[PeftModel]", cls)(
+        from .task_models import peft_model_class_for  # the task classes subclass PeftModel
+
+        # As in PEFT, the config's task_type picks the class, whichever class this is called on.
+        model_class = peft_model_class_for(config, cast("type[PeftModel]", cls))
+        peft_model = model_class(
             model,
             config,
             adapter_name,

@@ -47,16 +47,34 @@ def adapter_tensors(
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
     model._check_exist(names)
     state = model.state_dict() if state_dict is None else state_dict
-    embedding_paths = _embedding_paths(model)
+    return adapter_tensors_of(
+        model.get_base_model(), model.peft_config, names, save_embedding_layers, state, MODEL_PREFIX
+    )
+
+
+def adapter_tensors_of(
+    base: nn.Module,
+    configs: Mapping[str, LoraConfig],
+    names: Sequence[str],
+    save_embedding_layers: bool | Literal["auto"],
+    state: Mapping[str, torch.Tensor],
+    key_prefix: str,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """`adapter_tensors` for any model holding lorakit adapters in `base`.
+
+    `state`'s keys are `key_prefix` + paths in `base`: `base_model.model.` for a `PeftModel`,
+    "" for a model changed by `inject_adapter_in_model`.
+    """
+    embedding_paths = _embedding_paths(base, key_prefix)
     selected: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:
-        config = model.peft_config[name]
+        config = configs[name]
         prefixes = embedding_prefixes_to_save(
             save_embedding_layers,
             target_modules=config.target_modules,
             embedding_paths=embedding_paths,
             model_state_keys=state.keys(),
-            is_vocab_resized=_is_vocab_resized(model, config),
+            is_vocab_resized=_is_vocab_resized(base, config),
         )
         selected[name] = adapter_state_dict(
             state, name, bias=config.bias, embedding_prefixes=prefixes
@@ -162,9 +180,8 @@ def config_from_file(config_dict: dict[str, Any], is_trainable: bool) -> LoraCon
     return config
 
 
-def _embedding_paths(model: PeftModel) -> list[str]:
-    """State-dict paths of the base's input and output embedding modules."""
-    base = model.get_base_model()
+def _embedding_paths(base: nn.Module, key_prefix: str) -> list[str]:
+    """State-dict paths (`key_prefix` + path) of the base's input and output embeddings."""
     wanted = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         method = getattr(base, getter, None)
@@ -175,18 +192,18 @@ def _embedding_paths(model: PeftModel) -> list[str]:
     for module in wanted:
         for key, candidate in base.named_modules():
             if candidate is module or getattr(candidate, "base_layer", None) is module:
-                paths.append(MODEL_PREFIX + key)
+                paths.append(key_prefix + key)
                 break
     return paths
 
 
-def _is_vocab_resized(model: PeftModel, config: LoraConfig) -> bool:
+def _is_vocab_resized(base: nn.Module, config: LoraConfig) -> bool:
     """Whether the input embedding has another row count than the base's saved config says."""
     source = config.base_model_name_or_path
     if not source or not (Path(source) / "config.json").is_file():
         return False
     vocab_size = json.loads((Path(source) / "config.json").read_text()).get("vocab_size")
-    get_embeddings = getattr(model.get_base_model(), "get_input_embeddings", None)
+    get_embeddings = getattr(base, "get_input_embeddings", None)
     embeddings = get_embeddings() if callable(get_embeddings) else None
     weight = getattr(embeddings, "weight", None)
     if weight is None:

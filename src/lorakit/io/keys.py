@@ -419,3 +419,17 @@ def model_keys_for(
     if mismatch:
         raise AdapterMismatchError(describe_mismatch(mismatch, adapter_name, source), mismatch)
     return mapped
+
+
+def lora_module_paths(state_keys: Iterable[str]) -> list[str]:
+    """Paths of the modules holding LoRA tensors in a PEFT state dict, in first-seen order.
+
+    Works on file keys and model keys alike; the `base_model.model.` prefix is dropped and
+    `modules_to_save` copies are not LoRA modules.
+    """
+    paths: dict[str, None] = {}
+    for key in state_keys:
+        parsed = _split_adapter_key(key)
+        if parsed is not None and parsed.container != MODULES_TO_SAVE:
+            paths[parsed.module.removeprefix(MODEL_KEY_PREFIX)] = None
+    return list(paths)
