@@ -22,7 +22,7 @@ from .io import (
     embedding_prefixes_to_save,
     load_adapter_files,
     model_keys_for,
-    save_adapter_files,
+    save_adapters_together,
 )
 from .layers.base import LoraLayer
 
@@ -88,15 +88,22 @@ def save_adapters(
     selected_adapters: Sequence[str] | None = None,
     save_embedding_layers: bool | Literal["auto"] = "auto",
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    *,
+    safe_serialization: bool = True,
 ) -> None:
     """Write each selected adapter: "default" at the top of the folder, others in subfolders.
 
     `state_dict` replaces the model's own `state_dict()` as the source of the tensors (PEFT's
-    `save_pretrained(state_dict=...)`: e.g. full tensors gathered from a sharded model).
+    `save_pretrained(state_dict=...)`: e.g. full tensors gathered from a sharded model). All
+    selected adapters are written as one atomic save: every file is on disk before any
+    replaces an old one. `safe_serialization=False` writes `adapter_model.bin` (`torch.save`)
+    instead of `adapter_model.safetensors`.
     """
     selected = adapter_tensors(model, selected_adapters, save_embedding_layers, state_dict)
-    for name, tensors in selected.items():
-        save_adapter_files(save_directory, name, tensors, model.peft_config[name].to_dict())
+    contents = {
+        name: (tensors, model.peft_config[name].to_dict()) for name, tensors in selected.items()
+    }
+    save_adapters_together(save_directory, contents, safe_serialization=safe_serialization)
 
 
 def load_adapter_into(

@@ -1,10 +1,14 @@
-"""A process killed while saving leaves the previous adapter readable and unchanged."""
+"""A process killed while saving leaves the previous adapter readable and unchanged.
+
+The saver runs in a subprocess that is SIGKILLed at a chosen point of `save_adapter_files`:
+while the weights are half written, between the staged writes and their renames, or (the
+stress case) after a fixed delay into a loop of saves.
+"""
 
 from __future__ import annotations
 
 import inspect
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -22,6 +26,9 @@ LARGE_ELEMENTS = 2_000_000  # 8 MB per version: a save lasts long enough to be k
 PAUSED_MID_WRITE = "half of the weights written"
 PAUSED_BEFORE_RENAME = "between write and rename"
 EXIT_TIMEOUT_S = 60
+# A fixed delay after the third save starts (not a random one: a run must be repeatable). A
+# save of 2 x 8 MB takes tens of milliseconds, so the kill lands inside it or just after it.
+KILL_DELAY_S = 0.02
 
 
 def version(number: int, elements: int) -> dict[str, torch.Tensor]:
@@ -37,6 +44,7 @@ SAVER = (
     + inspect.getsource(version)
     + f"""
 import sys, time
+import lorakit.io.atomic as atomic
 import lorakit.io.files as files
 
 directory, mode, elements = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -55,7 +63,7 @@ elif mode == "pause-before-rename":
     def pause(*args):
         print({PAUSED_BEFORE_RENAME!r}, flush=True)
         time.sleep(600)
-    files.os.replace = pause
+    atomic.os.replace = pause
     files.save_adapter_files(directory, "default", version(1, elements), {{"r": 8}})
 else:
     for step in range(10_000):
@@ -92,12 +100,19 @@ def _same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) ->
 
 
 @pytest.mark.parametrize(
-    ("mode", "paused", "temp_files_left"),
-    [("pause-mid-write", PAUSED_MID_WRITE, 1), ("pause-before-rename", PAUSED_BEFORE_RENAME, 2)],
+    ("mode", "paused", "staged_files"),
+    [
+        ("pause-mid-write", PAUSED_MID_WRITE, ["adapter_model.safetensors"]),
+        (
+            "pause-before-rename",
+            PAUSED_BEFORE_RENAME,
+            ["adapter_config.json", "adapter_model.safetensors"],
+        ),
+    ],
     ids=["mid-write", "before-rename"],
 )
 def test_killed_while_saving_keeps_previous(
-    tmp_path: Path, mode: str, paused: str, temp_files_left: int
+    tmp_path: Path, mode: str, paused: str, staged_files: list[str]
 ) -> None:
     previous = version(0, elements=10)
     save_adapter_files(tmp_path, "default", previous, {"r": 4, "version": 0})
@@ -108,8 +123,9 @@ def test_killed_while_saving_keeps_previous(
     loaded, config = load_adapter_files(tmp_path)
     assert _same(loaded, previous)
     assert config == {"r": 4, "version": 0, "peft_type": "LORA", "inference_mode": True}
-    leftovers = [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
-    assert len(leftovers) == temp_files_left  # proves the kill landed inside the save
+    (staging,) = [path for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
+    # What the killed save had staged proves the kill landed inside it.
+    assert sorted(path.name for path in staging.iterdir()) == staged_files
 
 
 def test_killed_at_a_random_moment_leaves_one_whole_version(tmp_path: Path) -> None:
@@ -117,7 +133,7 @@ def test_killed_at_a_random_moment_leaves_one_whole_version(tmp_path: Path) -> N
     save_adapter_files(tmp_path, "default", versions[0], {"r": 4})
     saver = _start_saver(tmp_path, "loop", LARGE_ELEMENTS)
     _wait_for_line(saver, "saving 2")
-    time.sleep(random.uniform(0.0, 0.05))  # inside the third save or just after it
+    time.sleep(KILL_DELAY_S)
     _kill(saver)
 
     loaded, config = load_adapter_files(tmp_path)

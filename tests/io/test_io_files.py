@@ -21,6 +21,7 @@ from lorakit.io import (
     adapter_state_dict,
     load_adapter_files,
     save_adapter_files,
+    save_adapters_together,
 )
 
 CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": {"v_proj", "q_proj"}, "bias": "none"}
@@ -80,6 +81,35 @@ def test_layout_default_on_top_others_in_subfolders(tmp_path: Path) -> None:
     assert torch.equal(loaded["base_model.model.a.lora_A.weight"], torch.full((2, 3), 2.0))
     loaded, _ = load_adapter_files(tmp_path)
     assert torch.equal(loaded["base_model.model.a.lora_A.weight"], torch.ones(2, 3))
+
+
+def test_several_adapters_are_saved_together_or_not_at_all(tmp_path: Path) -> None:
+    first = {"base_model.model.a.lora_A.weight": torch.ones(2, 3)}
+    second = {"base_model.model.a.lora_A.weight": torch.full((2, 3), 2.0)}
+    saved = save_adapters_together(tmp_path, {"default": (first, CONFIG), "b": (second, CONFIG)})
+    assert saved == {"default": tmp_path, "b": tmp_path / "b"}
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    assert len(before) == 4
+    with pytest.raises(AdapterConfigError, match=r"\['device'\] cannot be written"):
+        save_adapters_together(
+            tmp_path, {"default": (second, CONFIG), "b": (first, {**CONFIG, "device": object()})}
+        )  # the second adapter is refused: the first is not written either
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+def test_pickle_weights_replace_safetensors_and_back(tmp_path: Path) -> None:
+    tensors = _tensors()
+    save_adapter_files(tmp_path, "default", tensors, CONFIG)
+    save_adapter_files(tmp_path, "default", tensors, CONFIG, safe_serialization=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [CONFIG_NAME, PICKLE_WEIGHTS_NAME]
+    loaded, _ = load_adapter_files(tmp_path, allow_pickle=True)
+    assert sorted(loaded) == sorted(tensors)
+    assert all(torch.equal(loaded[key], tensor) for key, tensor in tensors.items())
+    save_adapter_files(tmp_path, "default", tensors, CONFIG)  # a stale .bin must not stay
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        CONFIG_NAME,
+        SAFETENSORS_WEIGHTS_NAME,
+    ]
 
 
 def test_config_json_is_peft_style_and_peft_reads_it(tmp_path: Path) -> None:

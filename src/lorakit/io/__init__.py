@@ -1,4 +1,7 @@
-"""PEFT's adapter format: state-dict keys (`keys`) and files (`files`), nothing else."""
+"""PEFT's adapter format: state-dict keys (`keys`) and files (`files`), nothing else.
+
+`atomic` holds the one way lorakit writes any file; import it as `lorakit.io.atomic`.
+"""
 
 from lorakit.io.errors import (
     AdapterConfigError,
@@ -21,6 +24,7 @@ from lorakit.io.files import (
     read_adapter_config,
     reader_device,
     save_adapter_files,
+    save_adapters_together,
 )
 from lorakit.io.keys import (
     adapter_state_dict,
@@ -54,4 +58,5 @@ __all__ = [
     "read_adapter_config",
     "reader_device",
     "save_adapter_files",
+    "save_adapters_together",
 ]

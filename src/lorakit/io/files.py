@@ -1,10 +1,11 @@
 """Reading and writing PEFT's adapter files: `adapter_config.json` + `adapter_model.safetensors`.
 
 Layout (PEFT's): the adapter named `"default"` lives at the top of the save folder, any other
-adapter in `<folder>/<adapter_name>/`. Writes are atomic: each file goes to a temporary name in
-the same folder, is flushed to disk and then renamed over the old one, so a process killed
-mid-save leaves the previous adapter intact. Reads accept only safetensors unless the caller
-opts in to pickles, and turn every parse failure into an error naming the file and the fix.
+adapter in `<folder>/<adapter_name>/`. Writes go through `lorakit.io.atomic.replace_files`:
+every file of a save is staged and flushed to disk before any replaces the old one, so a
+process killed mid-save leaves the previous adapter intact. Reads accept only safetensors
+unless the caller opts in to pickles, and turn every parse failure into an error naming the
+file and the fix.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import secrets
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lorakit.io.atomic import is_temp_name, replace_files
 from lorakit.io.errors import (
     AdapterConfigError,
     AdapterDeviceError,
@@ -37,9 +38,10 @@ DEFAULT_ADAPTER_NAME = "default"
 PEFT_TYPE_LORA = "LORA"
 # PEFT marks its safetensors files as PyTorch tensors; other readers (vLLM, TGI) expect it.
 SAFETENSORS_METADATA = {"format": "pt"}
-TEMP_SUFFIX = ".tmp"
 
 PathLike = str | os.PathLike[str]
+# One adapter's contents: file key -> tensor, and the config's `to_dict()`.
+AdapterContents = tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]
 
 
 def adapter_directory(directory: PathLike, adapter_name: str) -> Path:
@@ -109,48 +111,22 @@ def _writable_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return writable
 
 
-def _temp_path(target: Path) -> Path:
-    """A fresh name next to `target`, hidden and unique to this process and call."""
-    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
-
-
-def _write_synced(path: Path, write: Callable[[Path], object]) -> None:
-    """Writes a file with `write(path)`, then flushes it to disk."""
-    write(path)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Makes the renames durable; not possible (nor needed) on Windows."""
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_adapter_files(
     directory: PathLike,
     adapter_name: str,
     tensors: Mapping[str, torch.Tensor],
     config_dict: Mapping[str, Any],
+    *,
+    safe_serialization: bool = True,
 ) -> Path:
-    """Writes one adapter in PEFT's layout, atomically.
-
-    Both files are written to temporary names and flushed before either replaces the old
-    file, so a crash while writing (the long part) leaves the previous adapter as it was.
+    """Writes one adapter in PEFT's layout, atomically (see `save_adapters_together`).
 
     Args:
         directory: The save folder; created if missing.
         adapter_name: "default" writes at the top of `directory`, other names in a subfolder.
         tensors: File key -> tensor, as returned by `adapter_state_dict`.
         config_dict: The adapter config's `to_dict()`; JSON values only.
+        safe_serialization: Weights as safetensors (default), else as a `torch.save` pickle.
 
     Returns:
         The folder the adapter was written to.
@@ -160,33 +136,75 @@ def save_adapter_files(
         TypeError: A value in `tensors` is not a tensor.
         FileExistsError: The adapter's folder path is an existing file.
     """
-    target = adapter_directory(directory, adapter_name)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(
-            f"Cannot save adapter {adapter_name!r} to {target}: it is a file, not a folder. "
-            "Fix: choose another save directory."
-        )
-    config_text = _config_json(config_dict)
-    writable = _writable_tensors(tensors)
-    target.mkdir(parents=True, exist_ok=True)
-    weights_path, config_path = target / SAFETENSORS_WEIGHTS_NAME, target / CONFIG_NAME
-    weights_temp, config_temp = _temp_path(weights_path), _temp_path(config_path)
-    try:
-        _write_synced(
-            weights_temp, lambda path: save_file(writable, path, metadata=SAFETENSORS_METADATA)
-        )
-        _write_synced(config_temp, lambda path: path.write_text(config_text, encoding="utf-8"))
-        os.replace(weights_temp, weights_path)
-        os.replace(config_temp, config_path)
-        _fsync_directory(target)
-    finally:
-        for temp in (weights_temp, config_temp):
-            temp.unlink(missing_ok=True)
-    return target
+    saved = save_adapters_together(
+        directory,
+        {adapter_name: (tensors, config_dict)},
+        safe_serialization=safe_serialization,
+    )
+    return saved[adapter_name]
+
+
+def save_adapters_together(
+    directory: PathLike,
+    adapters: Mapping[str, AdapterContents],
+    *,
+    safe_serialization: bool = True,
+) -> dict[str, Path]:
+    """Writes several adapters in PEFT's layout as one atomic save.
+
+    Every config and tensor is checked before anything is written; then all files are staged
+    and flushed to disk before any replaces an old one, so a crash while writing (the long
+    part) leaves the previous adapters as they were. A weights file of the other format left
+    by an earlier save is then deleted, since readers prefer safetensors and would load it.
+
+    Args:
+        directory: The save folder; created if missing.
+        adapters: Adapter name -> (file key -> tensor, config `to_dict()`); "default" is
+            written at the top of `directory`, other names in subfolders.
+        safe_serialization: Weights as `adapter_model.safetensors` (default), else as
+            `adapter_model.bin` written by `torch.save`, as PEFT does.
+
+    Returns:
+        Adapter name -> the folder it was written to.
+
+    Raises:
+        AdapterConfigError: A config cannot be written as PEFT's JSON.
+        TypeError: A value in the tensors is not a tensor.
+        FileExistsError: An adapter's folder path is an existing file.
+    """
+    prepared: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
+    for adapter_name, (tensors, config_dict) in adapters.items():
+        target = adapter_directory(directory, adapter_name)
+        if target.exists() and not target.is_dir():
+            raise FileExistsError(
+                f"Cannot save adapter {adapter_name!r} to {target}: it is a file, not a folder. "
+                "Fix: choose another save directory."
+            )
+        prepared[adapter_name] = (_config_json(config_dict), _writable_tensors(tensors))
+    weights_name, other_name = SAFETENSORS_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME
+    if not safe_serialization:
+        weights_name, other_name = other_name, weights_name
+    with replace_files(directory) as staging:
+        for adapter_name, (config_text, writable) in prepared.items():
+            folder = adapter_directory(staging, adapter_name)
+            folder.mkdir(parents=True, exist_ok=True)
+            if safe_serialization:
+                save_file(writable, folder / weights_name, metadata=SAFETENSORS_METADATA)
+            else:
+                torch.save(writable, folder / weights_name)
+            (folder / CONFIG_NAME).write_text(config_text, encoding="utf-8")
+    saved = {adapter_name: adapter_directory(directory, adapter_name) for adapter_name in adapters}
+    for folder in saved.values():
+        (folder / other_name).unlink(missing_ok=True)
+    return saved
 
 
 def _adapters_in_subfolders(directory: Path) -> list[str]:
-    return sorted(child.name for child in directory.iterdir() if (child / CONFIG_NAME).is_file())
+    return sorted(
+        child.name
+        for child in directory.iterdir()
+        if (child / CONFIG_NAME).is_file() and not is_temp_name(child.name)
+    )
 
 
 def _missing_file_error(directory: Path, name: str) -> AdapterNotFoundError:
