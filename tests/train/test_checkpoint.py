@@ -65,6 +65,35 @@ def test_only_the_newest_checkpoints_are_kept_and_hold_every_part(
     assert state["loader"]["epoch"] == 2  # 6 batches of 2 per epoch: epochs 0, 1, 2
 
 
+def test_a_save_failing_midway_keeps_the_earlier_checkpoints_whole(
+    tmp_path: Path, causal_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_save = torch.save
+    saved_schedulers: list[Path] = []
+
+    def save(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == "scheduler.pt":
+            saved_schedulers.append(Path(path))
+            if len(saved_schedulers) == 3:  # the third checkpoint dies half-way through a file
+                Path(path).write_bytes(b"half a scheduler")
+                raise OSError("disk full while writing scheduler.pt")
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    config = _config(tmp_path, save_total_limit=5)
+    trainer = Trainer(_model(causal_tokenizer), causal_tokenizer, config, ROWS)
+    with pytest.raises(OSError, match=r"disk full while writing scheduler\.pt"):
+        trainer.train()
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert all(path.parent.name.startswith(".checkpoint-") for path in saved_schedulers)
+    for step in (1, 2):
+        state = torch.load(folder / f"checkpoint-{step}" / "trainer_state.pt", weights_only=True)
+        assert state["step"] == step
+        scheduler = torch.load(folder / f"checkpoint-{step}" / "scheduler.pt", weights_only=True)
+        assert scheduler["last_epoch"] == step
+
+
 def test_resume_refuses_other_batch_size(tmp_path: Path, causal_tokenizer: Any) -> None:
     Trainer(
         _model(causal_tokenizer), causal_tokenizer, _config(tmp_path, max_steps=2), ROWS

@@ -8,9 +8,10 @@ A checkpoint is a folder ``<output_dir>/checkpoints/checkpoint-<step>/`` holding
 - ``trainer_state.pt``: the step, the data loader's position, the Python/NumPy/torch RNG states
   and the run's counters; ``trainer_state.json``: the same minus RNG states, for people.
 
-Everything is written into a hidden temporary folder that is then renamed into place with
-``os.replace``, so a run killed at any moment leaves only whole checkpoints. Old ones are first
-renamed away, then deleted, keeping the newest ``save_total_limit``.
+The folder is built under a hidden temporary name and renamed into place as a whole
+(``lorakit.io.atomic.replace_folder``), so a run killed at any moment leaves only whole
+checkpoints. Old ones are renamed away, then deleted (``remove_folder``), keeping the newest
+``save_total_limit``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..io.atomic import remove_folder, replace_folder
 from .fsdp import load_into_parameter, shard_optimizer_state
 from .train_errors import CheckpointError
 
 CHECKPOINTS_FOLDER = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
-TEMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -154,12 +154,7 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
     """
-    folder = Path(output_dir) / CHECKPOINTS_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{CHECKPOINT_PREFIX}{int(state['step'])}"
-    temp = folder / f"{TEMP_PREFIX}{target.name}-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
+    target = Path(output_dir) / CHECKPOINTS_FOLDER / f"{CHECKPOINT_PREFIX}{int(state['step'])}"
     if gathered is None:
         gathered = GatheredState(
             trainable={
@@ -170,27 +165,18 @@ def save_checkpoint(
             optimizer=optimizer.state_dict(),
         )
     adapter_options = {} if gathered.adapter is None else {"state_dict": gathered.adapter}
-    model.save_pretrained(temp / "adapter", **adapter_options)  # type: ignore[operator]
     trainable = {name: tensor.contiguous() for name, tensor in gathered.trainable.items()}
-    save_file(trainable, str(temp / TRAINABLE_FILE))
-    torch.save(gathered.optimizer, temp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), temp / "scheduler.pt")
-    (temp / STATE_JSON).write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
     full_state = {**state, **(extra_state or {}), "rng": capture_rng_state()}
-    torch.save(full_state, temp / STATE_FILE)  # last: marks whole
-    if target.exists():
-        _remove(target)
-    os.replace(temp, target)
+    with replace_folder(target) as temp:  # plain writes: the folder is renamed into place whole
+        model.save_pretrained(temp / "adapter", **adapter_options)  # type: ignore[operator]
+        save_file(trainable, str(temp / TRAINABLE_FILE))
+        torch.save(gathered.optimizer, temp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), temp / "scheduler.pt")
+        (temp / STATE_JSON).write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
+        torch.save(full_state, temp / STATE_FILE)
     for old in list_checkpoints(output_dir)[:-keep]:
-        _remove(old)
+        remove_folder(old)
     return target
-
-
-def _remove(path: Path) -> None:
-    """Rename away first (atomic), so a half-deleted folder never looks like a checkpoint."""
-    doomed = path.with_name(f"{TEMP_PREFIX}delete-{path.name}-{os.getpid()}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def resolve_resume(resume: bool | str, output_dir: str) -> Path | None:
