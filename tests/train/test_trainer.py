@@ -247,40 +247,6 @@ def test_gradient_checkpointing_trains_the_same_adapter(
         torch.testing.assert_close(results[1][name], tensor, atol=ACCUMULATION_ATOL, rtol=0)
 
 
-def test_plot_without_matplotlib_is_a_png_with_the_series(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import struct
-    import sys
-    import zlib
-
-    from lorakit.train.reporting import EVAL_COLOR, METRIC_COLOR, TRAIN_COLOR, write_plot
-
-    for name in ("matplotlib", "matplotlib.figure"):  # importing fails: the fallback draws
-        monkeypatch.setitem(sys.modules, name, None)
-    events = [{"event": "train", "step": s, "loss": 4.0 - s} for s in (1, 2, 3)]
-    events.append({"event": "eval", "step": 3, "eval_loss": 2.5, "eval_accuracy": 0.5})
-    data = write_plot(events, tmp_path / "plot.png", "eval_accuracy").read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == (640, 240)  # two 320 x 240 panels
-    start = data.index(b"IDAT") + 4
-    length = struct.unpack(">I", data[start - 8 : start - 4])[0]
-    raw = zlib.decompress(data[start : start + length])
-    rows = [raw[r * (1 + 3 * width) + 1 : (r + 1) * (1 + 3 * width)] for r in range(height)]
-
-    def pixel(x: int, y: int) -> tuple[int, ...]:
-        return tuple(rows[y][3 * x : 3 * x + 3])
-
-    # First training point (step 1, the highest loss): left + 4, top + 4 of the left panel.
-    assert pixel(16 + 4, 16 + 4) == TRAIN_COLOR
-    # Last training point (step 3, lowest loss): right - 4, bottom - 4.
-    assert pixel(320 - 16 - 4, 240 - 16 - 4) == TRAIN_COLOR
-    # Evaluation (step 3, loss 2.5 of the panel's 1..3): y = 220 - (2.5 - 1) / 2 * 200 = 70.
-    assert pixel(320 - 16 - 4, 70) == EVAL_COLOR
-    assert METRIC_COLOR in {pixel(x, y) for x in range(320, 640) for y in range(240)}
-
-
 def test_progress_lines_without_a_terminal(
     tmp_path: Path, causal_tokenizer: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -297,16 +263,3 @@ def test_progress_lines_without_a_terminal(
     assert [line.split("  ")[0] for line in lines] == ["step 2/4", "step 4/4"]
     assert all("  lr 2.00e-04  " in line for line in lines)
     assert all("tokens/s  ETA " in line for line in lines)
-
-
-def test_plot_with_matplotlib_is_a_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    import struct
-
-    from lorakit.train.reporting import write_plot
-
-    events = [{"event": "train", "step": s, "loss": 4.0 - s} for s in (1, 2, 3)]
-    events.append({"event": "eval", "step": 3, "eval_loss": 2.5, "eval_accuracy": 0.5})
-    data = write_plot(events, tmp_path / "plot.png", "eval_accuracy").read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert struct.unpack(">II", data[16:24]) == (1000, 400)  # figsize 10 x 4 at 100 dpi

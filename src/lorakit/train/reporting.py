@@ -9,7 +9,12 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ..io.atomic import write_file, write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger("lorakit.train")
 
@@ -22,6 +27,9 @@ LABELS_FILE = "labels.json"
 
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` (flushed at once).
+
+    The file is (re)written whole, atomically, when the log opens; each event is then appended
+    as one line (a line torn by a crash is skipped by ``read``).
 
     Args:
         path: The file.
@@ -36,8 +44,7 @@ class MetricsLog:
         self.events = [
             event for event in kept if int(event.get("step", 0)) <= (keep_until_step or 0)
         ]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(event) + "\n" for event in self.events), "utf-8")
+        write_text(path, "".join(json.dumps(event) + "\n" for event in self.events))
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
@@ -144,42 +151,73 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-TRAIN_COLOR = (31, 119, 180)  # blue: training loss
-EVAL_COLOR = (255, 127, 14)  # orange: evaluation loss
-METRIC_COLOR = (44, 160, 44)  # green: the evaluation metric
+TRAIN_COLOR = "#1f77b4"  # blue: training loss
+EVAL_COLOR = "#ff7f0e"  # orange: evaluation loss
+METRIC_COLOR = "#2ca02c"  # green: the evaluation metric
+PLOT_SIZE_INCHES = (10.0, 4.0)
+PLOT_DPI = 100  # 1000 x 400 pixels
+PLOT_INSTALL_FIX = 'pip install "lorakit[plot]" (or pip install matplotlib)'
 
 
-def write_plot(events: Sequence[Mapping[str, Any]], path: Path, metric: str) -> Path:
-    """Plot training and evaluation loss (left) and ``metric`` (right) to a PNG.
+def build_figure(events: Sequence[Mapping[str, Any]], metric: str) -> Figure:
+    """The run's plot: training and evaluation loss (left) and ``metric`` (right) by step.
 
-    With matplotlib, a labelled figure; without it, the same panels drawn by
-    ``lorakit.train.png_chart`` (no text; colours as in ``docs/training.md``).
+    A ``matplotlib.figure.Figure`` made without pyplot, so the user's backend and open
+    figures are left alone.
+
+    Raises:
+        ImportError: matplotlib is not installed.
     """
-    train = [(float(e["step"]), float(e["loss"])) for e in events if e.get("event") == "train"]
-    evals = [e for e in events if e.get("event") == "eval"]
-    eval_loss = [(float(e["step"]), float(e["eval_loss"])) for e in evals]
-    scores = [(float(e["step"]), float(e[metric])) for e in evals if metric in e]
-    panels = [
-        [(train, "train loss", TRAIN_COLOR), (eval_loss, "eval loss", EVAL_COLOR)],
-        [(scores, metric, METRIC_COLOR)],
-    ]
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        from .png_chart import write_chart
+    from matplotlib.figure import Figure
 
-        return write_chart(path, [[(points, color) for points, _, color in p] for p in panels])
-    figure = Figure(figsize=(10, 4), layout="tight")  # no pyplot: the user's backend stays
-    for axis, series in zip(figure.subplots(1, len(panels)), panels, strict=True):
+    train = [(e["step"], e["loss"]) for e in events if e.get("event") == "train"]
+    evals = [e for e in events if e.get("event") == "eval"]
+    eval_loss = [(e["step"], e["eval_loss"]) for e in evals]
+    scores = [(e["step"], e[metric]) for e in evals if metric in e]
+    panels = [
+        ("loss", [(train, "train loss", TRAIN_COLOR), (eval_loss, "eval loss", EVAL_COLOR)]),
+        (metric, [(scores, metric, METRIC_COLOR)]),
+    ]
+    figure = Figure(figsize=PLOT_SIZE_INCHES, dpi=PLOT_DPI, layout="tight")
+    for axis, (y_label, series) in zip(figure.subplots(1, len(panels)), panels, strict=True):
         for points, label, color in series:
             if points:
                 steps, values = zip(*points, strict=True)
-                axis.plot(steps, values, "o-", label=label, color=[c / 255 for c in color])
+                axis.plot(steps, values, "o-", label=label, color=color)
         axis.set_xlabel("step")
+        axis.set_ylabel(y_label)
         if any(points for points, _, _ in series):
             axis.legend()
-    figure.savefig(path)
-    return path
+    return figure
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Writes a matplotlib figure to ``path`` as a PNG at ``PLOT_DPI``, atomically."""
+    return write_file(path, lambda temp: figure.savefig(temp, format="png", dpi=PLOT_DPI))
+
+
+def write_plot(events: Sequence[Mapping[str, Any]], path: Path, metric: str) -> Path | None:
+    """Plots the run (``build_figure``) to a PNG at ``path``.
+
+    The plot is an optional output: without matplotlib nothing is written, a warning says how
+    to install it, and ``None`` is returned (the numbers stay in ``metrics.jsonl``).
+
+    Returns:
+        ``path``, or ``None`` when matplotlib is not installed.
+    """
+    try:
+        figure = build_figure(events, metric)
+    except ImportError as error:
+        logger.warning(
+            "No plot written to %s: matplotlib is not installed (%s). Fix: %s; the numbers "
+            "are in %s.",
+            path,
+            error,
+            PLOT_INSTALL_FIX,
+            METRICS_FILE,
+        )
+        return None
+    return save_figure(figure, path)
 
 
 def build_summary(
@@ -241,11 +279,11 @@ def write_run_outputs(
     """Write the label map (classification), the plot and ``summary.json``; return the summary."""
     if label_to_id is not None:
         labels = {str(label): index for label, index in label_to_id.items()}
-        (output_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2), "utf-8")
+        write_text(output_dir / LABELS_FILE, json.dumps(labels, indent=2))
     plot_metric = "eval_perplexity" if metric == "eval_loss" else metric  # loss is on the left
     plot = write_plot(events, output_dir / PLOT_FILE, plot_metric)
     summary = build_summary(model, state, metric, events)
     summary["adapter_dir"] = str(output_dir / ADAPTER_FOLDER)
-    summary["plot"] = str(plot)
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), "utf-8")
+    summary["plot"] = None if plot is None else str(plot)  # None: matplotlib is missing
+    write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
