@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..io import read_adapter_config
+from ..io.atomic import replace_files
 
 # task_type -> transformers auto class that builds the matching head
 AUTO_CLASSES = {
@@ -18,6 +20,10 @@ AUTO_CLASSES = {
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
 }
+# What transformers' save_pretrained names weights: one file, or shards and their index.
+WEIGHT_FILE = re.compile(
+    r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?"
+)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -50,6 +56,17 @@ def load_base(base: str, task_type: str | None) -> torch.nn.Module:
     return model
 
 
+def remove_stale_weights(out: Path, written: set[str]) -> None:
+    """Deletes weight files of an earlier save in `out` that this save did not write.
+
+    An earlier sharded model's shards and index (or single file) would otherwise sit beside
+    the new weights, and transformers could load the stale ones; other files are kept.
+    """
+    for path in out.iterdir():
+        if path.name not in written and WEIGHT_FILE.fullmatch(path.name) and path.is_file():
+            path.unlink()
+
+
 def run_merge(args: argparse.Namespace) -> int:
     from ..model import PeftModel
 
@@ -58,10 +75,13 @@ def run_merge(args: argparse.Namespace) -> int:
     model = PeftModel.from_pretrained(base, args.adapter)
     merged = model.merge_and_unload(safe_merge=args.safe_merge)
     out = Path(args.out)
-    merged.save_pretrained(out)  # type: ignore[operator]
-    for name in TOKENIZER_FILES:
-        source = Path(args.base) / name
-        if source.is_file():
-            shutil.copy2(source, out / name)
+    with replace_files(out) as staging:  # every file on disk before any replaces an old one
+        merged.save_pretrained(staging)  # type: ignore[operator]
+        for name in TOKENIZER_FILES:
+            source = Path(args.base) / name
+            if source.is_file():
+                shutil.copy2(source, staging / name)
+        written = {path.name for path in staging.iterdir()}
+    remove_stale_weights(out, written)
     print(f"merged {args.adapter} into {args.base} -> {out}")
     return 0
