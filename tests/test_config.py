@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from lorakit import LoftQConfig, LoraConfig, TaskType
@@ -24,7 +22,7 @@ from lorakit.errors import ConfigError
         ({"layers_to_transform": [-1]}, r"layers_to_transform=\[-1\]"),
         ({"rank_pattern": {"q": 0}}, r"rank_pattern\['q'\]=0"),
         ({"target_modules": [1]}, r"target_modules=\[1\]: must be a string"),
-        ({"use_dora": True}, r"DoRA is not supported yet"),
+        ({"use_dora": True}, r"use_dora=True: lorakit does not implement DoRA"),
     ],
 )
 def test_invalid_values_name_the_field(options: dict[str, object], message: str) -> None:
@@ -50,18 +48,21 @@ def test_round_trip_and_no_shared_state() -> None:
     assert LoraConfig.from_dict(data) == config
 
 
-def test_peft_written_config_loads_and_names_ignored_fields(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_peft_written_config_with_a_feature_lorakit_lacks_is_refused() -> None:
     import peft
 
     data = peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True).to_dict()
-    data["peft_type"] = "LORA"
-    data["task_type"] = None
-    with caplog.at_level(logging.WARNING):
-        config = LoraConfig.from_dict(data)
+    with pytest.raises(ConfigError, match=r"lora_bias=True: lorakit does not implement"):
+        LoraConfig.from_dict(data)
+    data["lora_bias"] = False  # peft's defaults and bookkeeping fields load
+    config = LoraConfig.from_dict(data)
     assert config.r == 4 and config.target_modules == ["q_proj"]
-    assert "lora_bias" in caplog.text
+
+
+def test_unknown_config_field_that_is_set_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"use_magic=True: not a LoRA option lorakit knows"):
+        LoraConfig.from_dict({"r": 4, "use_magic": True})
+    assert LoraConfig.from_dict({"r": 4, "merge_weights": False}).r == 4  # old peft, unset
 
 
 def test_other_peft_types_are_refused() -> None:

@@ -117,3 +117,38 @@ def train_causal_lm(model: torch.nn.Module, steps: int, lr: float = 1e-2) -> lis
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def tiny_sequence_classifier(model_type: str, num_labels: int = 3) -> torch.nn.Module:
+    """A 2-layer `AutoModelForSequenceClassification` of `model_type` (distilbert, bert, llama,
+    gpt2), with the head the pretrained checkpoint would lack."""
+    import transformers
+
+    sizes = {"vocab_size": 128, "num_labels": num_labels, "pad_token_id": 0}
+    configs = {
+        "distilbert": lambda: transformers.DistilBertConfig(
+            dim=32, hidden_dim=48, n_layers=2, n_heads=4, max_position_embeddings=64, **sizes
+        ),
+        "bert": lambda: transformers.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            **sizes,
+        ),
+        "llama": lambda: transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **sizes,
+        ),
+        "gpt2": lambda: transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1, **sizes
+        ),
+    }
+    config = configs[model_type]()
+    return _seeded(lambda: transformers.AutoModelForSequenceClassification.from_config(config))

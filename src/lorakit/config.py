@@ -8,21 +8,30 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeAlias
 
 from .config_files import ConfigFilesMixin
 from .errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 BiasMode = Literal["none", "all", "lora_only"]
 BIAS_MODES: tuple[str, ...] = ("none", "all", "lora_only")
 INIT_NAMES: tuple[str, ...] = ("gaussian", "loftq")
 PEFT_TYPE = "LORA"
+
+
+class PeftConfigLike(Protocol):
+    """What lorakit reads from a `peft.LoraConfig`: its method name and its fields as a dict."""
+
+    peft_type: Any
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+ConfigSource: TypeAlias = "LoraConfig | Mapping[str, Any] | PeftConfigLike"
+"""What `get_peft_model`, `add_adapter` and `from_pretrained(config=...)` take as a config."""
 
 
 class TaskType(str, enum.Enum):
@@ -71,21 +80,26 @@ class LoraConfig(ConfigFilesMixin):
         exclude_modules: Modules never adapted, matched like `target_modules`.
         bias: "none", "all" (every bias trains) or "lora_only" (biases of adapted layers).
         use_rslora: Scale by lora_alpha / sqrt(r) instead of lora_alpha / r.
-        modules_to_save: Modules (matched by name suffix) trained in full and saved with the
-            adapter, e.g. a new classification head.
+        modules_to_save: Modules trained in full and saved with the adapter, e.g. a new
+            classification head: as in PEFT, every module whose path ends with a name, as
+            plain text ("classifier" also picks "pre_classifier").
         layers_to_transform: Only adapt modules inside these layer indices.
-        layers_pattern: Name of the module list holding the layers ("layers", "h", ...).
+        layers_pattern: Name of the module list holding the layers ("layers", "h", ...);
+            only with `layers_to_transform`.
         rank_pattern: Per-module rank overrides; keys are names or regexes.
         alpha_pattern: Per-module lora_alpha overrides; keys are names or regexes.
         init_lora_weights: True: Kaiming-uniform A and zero B (the model starts unchanged);
             "gaussian": normal A (std 1/r), zero B; False: random A and B (tests only);
             "loftq": LoftQ (needs `loftq_config`).
         fan_in_fan_out: The base stores its weight as (in, out), as transformers' Conv1D.
+            Each layer's own type decides this, as in PEFT: a value that contradicts a newly
+            wrapped layer (True on nn.Linear, False on Conv1D) is corrected with a warning,
+            and the corrected value is saved.
         task_type: A `TaskType`; classification heads join `modules_to_save`.
         base_model_name_or_path: Where the base model comes from (saved with the adapter).
         inference_mode: Adapter weights do not train.
         loftq_config: Options for `init_lora_weights="loftq"`.
-        use_dora: DoRA; not supported yet, must stay False.
+        use_dora: DoRA; not implemented, must stay False.
         revision: Revision of the base model (kept for PEFT compatibility).
     """
 
@@ -166,8 +180,17 @@ class LoraConfig(ConfigFilesMixin):
             _check_rank(f"rank_pattern[{key!r}]", rank)
         for key, alpha in self.alpha_pattern.items():
             _check_number(f"alpha_pattern[{key!r}]", alpha)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError(
+                f"layers_pattern={self.layers_pattern!r} without layers_to_transform selects "
+                "nothing by itself; set layers_to_transform (e.g. [0, 1]) to pick layers, or "
+                "remove layers_pattern."
+            )
         if self.use_dora:
-            raise ConfigError("use_dora=True: DoRA is not supported yet; set use_dora=False.")
+            raise ConfigError(
+                "use_dora=True: lorakit does not implement DoRA, so this adapter would compute "
+                "something else than its config says. Fix: set use_dora=False, or use peft."
+            )
 
     @property
     def peft_type(self) -> str:
@@ -191,10 +214,16 @@ class LoraConfig(ConfigFilesMixin):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
-        """Build a config from a dict such as a parsed adapter_config.json.
+        """Build a config from a dict such as a parsed adapter_config.json or peft's `to_dict()`.
 
-        Fields lorakit does not know are ignored; those holding a non-default value are named
-        in a warning so a user sees what was dropped.
+        PEFT bookkeeping fields (`peft_version`, `auto_mapping`, ...) are skipped. A field of a
+        PEFT feature lorakit does not implement (DoRA, aLoRA, `lora_bias`, ...) holding
+        anything but PEFT's default raises, as does an unknown field that is set: the adapter
+        would otherwise compute something else than the config describes.
+
+        Raises:
+            ConfigError: Another PEFT method than LoRA, or a set field lorakit does not
+                implement (named, with the fix).
         """
         peft_type = data.get("peft_type", PEFT_TYPE)
         if peft_type != PEFT_TYPE:
@@ -202,23 +231,81 @@ class LoraConfig(ConfigFilesMixin):
                 f"peft_type={peft_type!r}: lorakit loads LoRA adapters only (peft_type 'LORA')."
             )
         known = {item.name for item in dataclasses.fields(cls)}
-        kwargs = {key: value for key, value in data.items() if key in known}
-        ignored = sorted(
-            key
-            for key, value in data.items()
-            if key not in known and key not in _PEFT_BOOKKEEPING and _is_set(value)
-        )
-        if ignored:
-            logger.warning(
-                "Ignoring adapter config fields lorakit does not use: %s", ", ".join(ignored)
+        for key, value in data.items():
+            if key not in known and key not in _PEFT_BOOKKEEPING:
+                _refuse_if_set(key, value)
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    @classmethod
+    def from_config(cls, config: ConfigSource) -> LoraConfig:
+        """A lorakit config from a lorakit `LoraConfig`, a `peft.LoraConfig` or a dict.
+
+        A lorakit config is copied; the others go through `from_dict`, so every field is
+        either carried over or refused. peft's runtime-only options are checked too.
+
+        Raises:
+            ConfigError: `config` is none of these, or sets a field lorakit does not implement.
+        """
+        if isinstance(config, LoraConfig):
+            return dataclasses.replace(config)
+        if isinstance(config, Mapping):
+            return cls.from_dict(config)
+        to_dict = getattr(config, "to_dict", None)
+        if not callable(to_dict) or not hasattr(config, "peft_type"):
+            raise ConfigError(
+                f"peft_config is a {type(config).__name__}; allowed: lorakit.LoraConfig, "
+                "peft.LoraConfig or a dict of LoraConfig fields."
             )
-        return cls(**kwargs)
+        runtime = getattr(config, "runtime_config", None)
+        if getattr(runtime, "ephemeral_gpu_offload", False):
+            _refuse_if_set("runtime_config.ephemeral_gpu_offload", True)
+        return cls.from_dict(to_dict())
 
 
 # Fields peft writes that carry no meaning for the adapter's numbers.
-_PEFT_BOOKKEEPING = frozenset(
-    {"peft_type", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"}
-)
+_PEFT_BOOKKEEPING = frozenset({"peft_type", "peft_version", "auto_mapping"})
+
+# PEFT LoRA fields lorakit does not implement: PEFT's default value and what the field does.
+# Any other value raises, since the adapter would silently compute something else.
+UNSUPPORTED_PEFT_FIELDS: dict[str, tuple[object, str]] = {
+    "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
+    "arrow_config": (None, "Arrow routing among adapters"),
+    "corda_config": (None, "CorDA initialisation"),
+    "ensure_weight_tying": (False, "tying adapters of tied weights"),
+    "eva_config": (None, "EVA initialisation"),
+    "kasa_config": (None, "KaSA"),
+    "layer_replication": (None, "layer replication"),
+    "lora_bias": (False, "a trained bias on lora_B"),
+    "lora_ga_config": (None, "LoRA-GA initialisation"),
+    "megatron_config": (None, "Megatron-LM parallel layers"),
+    "megatron_core": ("megatron.core", "Megatron-LM parallel layers"),
+    "monteclora_config": (None, "MonteCLoRA"),
+    "qalora_group_size": (16, "QALoRA"),
+    "runtime_config.ephemeral_gpu_offload": (False, "ephemeral GPU offload (used by DoRA)"),
+    "target_parameters": (None, "LoRA on nn.Parameter targets"),
+    "trainable_token_indices": (None, "trainable tokens"),
+    "use_bdlora": (None, "block-diagonal LoRA (BD-LoRA)"),
+    "use_qalora": (False, "QALoRA"),
+    "velora_config": (None, "VeLoRA"),
+}
+
+
+def _refuse_if_set(key: str, value: object) -> None:
+    """Raise for a field lorakit does not implement unless it holds PEFT's default (or unset)."""
+    if key in UNSUPPORTED_PEFT_FIELDS:
+        default, feature = UNSUPPORTED_PEFT_FIELDS[key]
+        if value == default or (default is None and not _is_set(value)):
+            return
+        raise ConfigError(
+            f"{key}={value!r}: lorakit does not implement {feature}, so this adapter would "
+            f"compute something else than its config says. Fix: set {key}={default!r} (remove "
+            "it), or use peft for this adapter."
+        )
+    if _is_set(value):
+        raise ConfigError(
+            f"{key}={value!r}: not a LoRA option lorakit knows (a newer peft's, or a typo); "
+            f"it is not ignored. Fix: remove {key} from the config."
+        )
 
 
 def _is_set(value: object) -> bool:

@@ -7,7 +7,12 @@ from collections.abc import Iterable
 
 
 class LorakitError(Exception):
-    """Base class of every error lorakit raises on purpose."""
+    """Base class of every error lorakit raises on purpose.
+
+    Every lorakit error derives from it (`lorakit.io.errors`, `lorakit.train.train_errors`
+    and `lorakit.train.data_errors` included), so the CLI prints any of them as one message
+    and exits with status 2.
+    """
 
 
 class ConfigError(LorakitError, ValueError):
@@ -35,6 +40,10 @@ class MergeError(LorakitError, RuntimeError):
 
 class HotswapError(LorakitError, ValueError):
     """An adapter file cannot replace an existing adapter's weights in place."""
+
+
+class UnsupportedOptionError(LorakitError, TypeError):
+    """A keyword argument (of PEFT's API) that lorakit does not implement was given a value."""
 
 
 class AdapterStateError(LorakitError, ValueError):

@@ -6,20 +6,20 @@ user's model, so keys read `base_model.model.<path>.lora_A.<adapter>.weight`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import LoraConfig, TaskType
+from .config import ConfigSource, LoraConfig, TaskType
 from .constants import BASE_ADAPTER_NAME, DEFAULT_ADAPTER_NAME, TASK_HEAD_MODULES
-from .errors import AdapterNameError, MergeError
+from .errors import AdapterNameError, LorakitError, MergeError, UnsupportedOptionError
 from .inject import (
     apply_injection,
+    corrected_fan_in_fan_out,
     iter_wrappers,
     plan_injection,
     replace_module,
@@ -43,7 +43,7 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        peft_config: LoraConfig,
+        peft_config: ConfigSource,
         adapter_name: str = DEFAULT_ADAPTER_NAME,
         *,
         init_weights: bool = True,
@@ -142,7 +142,7 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
     def add_adapter(
         self,
         adapter_name: str,
-        peft_config: LoraConfig,
+        peft_config: ConfigSource,
         low_cpu_mem_usage: bool = False,
         *,
         init_weights: bool = True,
@@ -160,6 +160,10 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
         With `init_lora_weights="loftq"` (and weights to initialise) the targeted
         full-precision linear layers become 4-bit `QuantLinear`s and the adapter starts at
         the LoftQ factors; see `lorakit.quant.loftq`.
+
+        `peft_config` may be a lorakit `LoraConfig`, a `peft.LoraConfig` or a dict of its
+        fields; a field of a PEFT feature lorakit does not implement raises `ConfigError`
+        naming it (`LoraConfig.from_config`).
         """
         if adapter_name in self.peft_config:
             raise AdapterNameError(
@@ -174,6 +178,7 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
         config = self._config_for(peft_config)
         model = self.get_base_model()
         plan = plan_injection(model, config)
+        config.fan_in_fan_out = corrected_fan_in_fan_out(model, plan, config.fan_in_fan_out)
         if config.init_lora_weights == "loftq" and init_weights and not low_cpu_mem_usage:
             from .inject.loftq import apply_loftq_injection  # imports lorakit.quant
 
@@ -331,10 +336,12 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
         A 4-bit base (`QuantLinear`, bitsandbytes' `Linear4bit`) becomes an `nn.Linear` in
         its weight's original dtype holding dequant(Q) + s·BA summed in fp32, or with
         `requantize=True` a 4-bit layer like it (rounding: `lorakit.layers.packed`).
+        `progressbar=True` shows a tqdm bar over the layers being merged, on stderr.
         """
         names, layers = self._checked_merge(adapter_names, safe_merge, in_place=False)
         model = self.get_base_model()
-        for key, layer in layers:  # never unmerged: no records are kept
+        for key, layer in _progress(layers, progressbar, "Unloading and merging model"):
+            # never unmerged: no records are kept
             replace_module(model, key, layer.merged_module(names, requantize))
         self._wrappers_changed()
         return unwrap_model(model, keep_trained_heads=True)
@@ -358,9 +365,10 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
             enable()
 
     # --- internals -------------------------------------------------------------------------
-    def _config_for(self, peft_config: LoraConfig) -> LoraConfig:
-        """A private copy of the user's config, with task heads and the base path filled in."""
-        config = dataclasses.replace(peft_config)
+    def _config_for(self, peft_config: ConfigSource) -> LoraConfig:
+        """A private lorakit copy of the user's config (a lorakit or peft `LoraConfig`, or a
+        dict), with task heads and the base path filled in."""
+        config = LoraConfig.from_config(peft_config)
         task = config.task_type
         if task is not None and TaskType(task).value in TASK_HEAD_MODULES:
             heads = TASK_HEAD_MODULES[TaskType(task).value]
@@ -422,18 +430,56 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
             self.routing.row_groups = previous
 
 
+def _progress(
+    items: list[tuple[str, LoraLayer]], show: bool, description: str
+) -> Iterable[tuple[str, LoraLayer]]:
+    """`items`, through a tqdm bar on stderr when `show` (tqdm is imported only then)."""
+    if not show:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError as error:
+        raise LorakitError(
+            "progressbar=True needs tqdm, which is not installed. Fix: pip install tqdm, or "
+            "pass progressbar=False."
+        ) from error
+    return tqdm(items, desc=description, total=len(items))
+
+
 def get_peft_model(
     model: nn.Module,
-    peft_config: LoraConfig,
+    peft_config: ConfigSource,
     adapter_name: str = DEFAULT_ADAPTER_NAME,
+    mixed: bool = False,
     autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
     low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
     """Wrap `model` with a new trainable LoRA adapter; base weights are frozen.
 
     The options are `PeftModel.add_adapter`'s (fp32 adapters on half-precision bases; meta
-    tensors to be loaded later).
+    tensors to be loaded later). `revision`, the base model's revision, is saved in the
+    adapter's config in place of the config's own, as in PEFT (the caller's config object is
+    not changed).
+
+    Raises:
+        UnsupportedOptionError: `mixed=True` (PEFT's models mixing adapter methods).
     """
+    if mixed:
+        raise UnsupportedOptionError(
+            "get_peft_model(mixed=True): PEFT's mixed models, holding adapters of several PEFT "
+            "methods, are not implemented; lorakit adapters are all LoRA. Fix: pass mixed=False."
+        )
+    if revision is not None:
+        peft_config = LoraConfig.from_config(peft_config)
+        if peft_config.revision not in (None, revision):
+            logger.warning(
+                "The config names base model revision %r; saving revision %r instead.",
+                peft_config.revision,
+                revision,
+            )
+        peft_config.revision = revision
+
     from .task_models import peft_model_class_for  # the task classes subclass PeftModel
 
     model_class = peft_model_class_for(peft_config, PeftModel)

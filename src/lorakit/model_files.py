@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import ConfigSource, LoraConfig
 from .constants import DEFAULT_ADAPTER_NAME
+from .errors import UnsupportedOptionError
 from .io import read_adapter_config
+from .keywords import check_load_keywords, check_save_keywords
 from .persistence import config_from_file, load_adapter_into, save_adapters
 
 if TYPE_CHECKING:
@@ -24,27 +26,58 @@ if TYPE_CHECKING:
 
 
 class AdapterFilesMixin:
-    """`save_pretrained`, `load_adapter` and `from_pretrained` of `PeftModel`."""
+    """`save_pretrained`, `load_adapter` and `from_pretrained` of `PeftModel`.
+
+    The signatures are PEFT's; each keyword is implemented or, given a value, raises
+    `UnsupportedOptionError` naming it (`lorakit.keywords`).
+    """
 
     def save_pretrained(
         self,
         save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
         selected_adapters: Sequence[str] | None = None,
         save_embedding_layers: bool | Literal["auto"] = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        *,
         state_dict: Mapping[str, torch.Tensor] | None = None,
-        **_ignored: Any,
+        **kwargs: Any,
     ) -> None:
         """Write adapters in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`);
         "default" at the top of the folder, other adapters in `<folder>/<name>/`. Atomic.
 
-        `state_dict` (PEFT's keyword, passed by `transformers.Trainer` and FSDP training) is
-        read instead of the model's own `state_dict()`: full tensors of a sharded model."""
+        `safe_serialization=False` writes `adapter_model.bin` (`torch.save`) instead, as PEFT
+        does. On a process that is not the main one (`is_main_process=False`, as
+        `transformers.Trainer` passes on ranks > 0) nothing is written. `state_dict` (PEFT's
+        keyword, passed by `transformers.Trainer` and FSDP training) is read instead of the
+        model's own `state_dict()`: full tensors of a sharded model.
+
+        Raises:
+            UnsupportedOptionError: `path_initial_model_for_weight_conversion` is given
+                (PiSSA/OLoRA/CorDA conversion: those inits are not implemented), or another
+                keyword is.
+        """
+        check_save_keywords(kwargs)
+        if path_initial_model_for_weight_conversion is not None:
+            raise UnsupportedOptionError(
+                "save_pretrained(path_initial_model_for_weight_conversion="
+                f"{path_initial_model_for_weight_conversion!r}): the conversion of PiSSA, OLoRA "
+                "and CorDA adapters is not implemented, nor are those inits. Fix: remove it."
+            )
+        model = cast("PeftModel", self)
+        model._check_exist(
+            list(model.peft_config if selected_adapters is None else selected_adapters)
+        )
+        if not is_main_process:
+            return
         save_adapters(
-            cast("PeftModel", self),
+            model,
             save_directory,
             selected_adapters,
             save_embedding_layers,
             state_dict,
+            safe_serialization=safe_serialization,
         )
 
     def load_adapter(
@@ -54,19 +87,32 @@ class AdapterFilesMixin:
         is_trainable: bool = False,
         torch_device: str | torch.device | None = None,
         autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
         low_cpu_mem_usage: bool = False,
+        key_mapping: Mapping[str, str] | None = None,
+        *,
         allow_pickle: bool = False,
         subfolder: str | None = None,
-        **_ignored: Any,
+        **kwargs: Any,
     ) -> None:
         """Load a saved adapter under `adapter_name` (inactive; frozen unless `is_trainable`).
 
         Only safetensors files are read unless `allow_pickle`. The file is read onto
         `torch_device` (default CPU), and each tensor then sits beside its layer. A file
-        that does not fit the model raises an error naming the first mismatches, and the
-        model stays as it was. `autocast_adapter_dtype` and `low_cpu_mem_usage` are
-        `add_adapter`'s; with the latter the file's tensors become the adapter's (no copy).
+        that does not fit the model, or whose config uses a feature lorakit does not
+        implement, raises an error naming it, and the model stays as it was.
+        `autocast_adapter_dtype` and `low_cpu_mem_usage` are `add_adapter`'s; with the latter
+        the file's tensors become the adapter's (no copy). `key_mapping` is PEFT's: regex ->
+        replacement applied to the file's keys (without their `base_model.model.` prefix)
+        before they are matched, the first pattern that matches a key wins; by default the
+        base's `_checkpoint_conversion_mapping`, as in PEFT.
+
+        Raises:
+            UnsupportedOptionError: `ephemeral_gpu_offload=True` or another PEFT keyword
+                lorakit does not implement (Hub downloads, device maps), named.
         """
+        check_load_keywords("load_adapter", {"ephemeral_gpu_offload": ephemeral_gpu_offload})
+        check_load_keywords("load_adapter", kwargs)
         load_adapter_into(
             cast("PeftModel", self),
             model_id,
@@ -77,6 +123,7 @@ class AdapterFilesMixin:
             torch_device=torch_device,
             autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage,
+            key_mapping=key_mapping,
         )
 
     @classmethod
@@ -86,28 +133,39 @@ class AdapterFilesMixin:
         model_id: str | os.PathLike[str],
         adapter_name: str = DEFAULT_ADAPTER_NAME,
         is_trainable: bool = False,
-        config: LoraConfig | None = None,
+        config: ConfigSource | None = None,
         autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
         low_cpu_mem_usage: bool = False,
+        key_mapping: Mapping[str, str] | None = None,
+        *,
         allow_pickle: bool = False,
         subfolder: str | None = None,
         torch_device: str | torch.device | None = None,
-        **_ignored: Any,
+        **kwargs: Any,
     ) -> PeftModel:
         """Wrap `model` with the adapter saved in `model_id` (a folder) and return it.
 
-        The options are `load_adapter`'s.
+        `config` (a lorakit or peft `LoraConfig`, or a dict) replaces the saved config; as
+        in PEFT its `inference_mode` follows `is_trainable` (the caller's object is not
+        changed). The other options are `load_adapter`'s. If anything fails, `model` is left
+        as it was.
         """
+        check_load_keywords("from_pretrained", {"ephemeral_gpu_offload": ephemeral_gpu_offload})
+        check_load_keywords("from_pretrained", kwargs)
         folder = Path(model_id) if subfolder is None else Path(model_id) / subfolder
         if config is None:
-            config = config_from_file(read_adapter_config(folder), is_trainable)
+            lora_config = config_from_file(read_adapter_config(folder), is_trainable, folder)
+        else:
+            lora_config = LoraConfig.from_config(config)
+            lora_config.inference_mode = not is_trainable
         from .task_models import peft_model_class_for  # the task classes subclass PeftModel
 
         # As in PEFT, the config's task_type picks the class, whichever class this is called on.
-        model_class = peft_model_class_for(config, cast("type[PeftModel]", cls))
+        model_class = peft_model_class_for(lora_config, cast("type[PeftModel]", cls))
         peft_model = model_class(
             model,
-            config,
+            lora_config,
             adapter_name,
             init_weights=False,
             autocast_adapter_dtype=autocast_adapter_dtype,
@@ -120,9 +178,10 @@ class AdapterFilesMixin:
                 adapter_name,
                 is_trainable,
                 allow_pickle,
-                config=config,
+                config=lora_config,
                 inject=False,
                 torch_device=torch_device,
+                key_mapping=key_mapping,
             )
         except BaseException:
             peft_model.unload()

@@ -16,14 +16,16 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .errors import AdapterNameError
+from .errors import AdapterNameError, ConfigError
 from .io import (
+    CONFIG_NAME,
     adapter_state_dict,
     embedding_prefixes_to_save,
     load_adapter_files,
     model_keys_for,
     save_adapters_together,
 )
+from .io.keys import remap_keys
 from .layers.base import LoraLayer
 
 if TYPE_CHECKING:
@@ -118,12 +120,16 @@ def load_adapter_into(
     torch_device: str | torch.device | None = None,
     autocast_adapter_dtype: bool = True,
     low_cpu_mem_usage: bool = False,
+    key_mapping: Mapping[str, str] | None = None,
 ) -> None:
     """Read an adapter folder into `model` under `adapter_name` (injecting it unless told not).
 
     The file is read onto `torch_device` (default: CPU); each tensor then goes to its layer's
     device and adapter dtype. With `low_cpu_mem_usage`, the injected tensors are meta
     placeholders and the file's tensors take their place, so no second copy is allocated.
+    `key_mapping` renames the file's keys first (`remap_keys`); None means the base's
+    `_checkpoint_conversion_mapping`, as in PEFT. A config that sets a feature lorakit does
+    not implement raises before the model is touched.
     """
     if inject and adapter_name in model.peft_config:
         raise AdapterNameError(
@@ -136,7 +142,11 @@ def load_adapter_into(
         device="cpu" if torch_device is None else torch_device,
     )
     if config is None:
-        config = config_from_file(config_dict, is_trainable)
+        config = config_from_file(config_dict, is_trainable, model_id)
+    if key_mapping is None:
+        key_mapping = getattr(model.get_base_model(), "_checkpoint_conversion_mapping", None)
+    if key_mapping:
+        tensors = remap_keys(tensors, key_mapping)
     if inject:
         model.add_adapter(
             adapter_name,
@@ -180,9 +190,21 @@ def _layer_device(model: nn.Module, module_path: str) -> torch.device:
     raise AssertionError(f"meta tensor {module_path!r} outside a LoRA layer")
 
 
-def config_from_file(config_dict: dict[str, Any], is_trainable: bool) -> LoraConfig:
-    """The adapter's config as saved, in inference mode unless it is loaded for training."""
-    config = LoraConfig.from_dict(config_dict)
+def config_from_file(
+    config_dict: dict[str, Any], is_trainable: bool, source: PathLike | None = None
+) -> LoraConfig:
+    """The adapter's config as saved, in inference mode unless it is loaded for training.
+
+    Raises:
+        ConfigError: The config sets a field lorakit does not implement (e.g. DoRA, aLoRA);
+            the message names the field and `source`'s adapter_config.json.
+    """
+    try:
+        config = LoraConfig.from_dict(config_dict)
+    except ConfigError as error:
+        if source is None:
+            raise
+        raise ConfigError(f"{Path(source) / CONFIG_NAME}: {error}") from None
     config.inference_mode = not is_trainable
     return config
 

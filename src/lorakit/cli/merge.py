@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
+from ..errors import LorakitError
 from ..io import read_adapter_config
 from ..io.atomic import replace_files
 
+USAGE_ERROR = 2  # exit status of an error a person can fix
 # task_type -> transformers auto class that builds the matching head
 AUTO_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
@@ -68,6 +71,19 @@ def remove_stale_weights(out: Path, written: set[str]) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    """Run `lorakit merge`; return the exit status (0 ok, 2 an error a person can fix).
+
+    A lorakit error (a missing, corrupt or mismatched adapter) or an unreadable base is
+    printed as one message, without a traceback.
+    """
+    try:
+        return _merge(args)
+    except (LorakitError, OSError) as error:
+        print(f"lorakit merge: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _merge(args: argparse.Namespace) -> int:
     from ..model import PeftModel
 
     task_type = read_adapter_config(args.adapter).get("task_type")

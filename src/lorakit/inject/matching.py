@@ -5,6 +5,7 @@ Everything here only reads the model, so a bad config fails before anything is c
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -15,8 +16,16 @@ from ..config import LoraConfig, TaskType
 from ..constants import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_HEAD_MODULES
 from ..errors import TargetModuleError, UnsupportedModuleError, closest_names
 from ..layers.base import LoraLayer
+from ..layers.bnb import is_bnb_linear4bit
 from ..layers.modules_to_save import ModulesToSaveWrapper
-from ..layers.registry import LayerEntry, lora_layer_class_for, supported_type_names
+from ..layers.registry import (
+    LayerEntry,
+    is_transformers_conv1d,
+    lora_layer_class_for,
+    supported_type_names,
+)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,9 +104,7 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
     _check_every_name_exists(target_spec, modules, config.target_modules is None)
     layers = config.layers_to_transform
     wanted_layers = {layers} if isinstance(layers, int) else set(layers or ())
-    save_names = config.modules_to_save or []
-    is_saved = name_matcher(save_names)
-    modules_to_save = tuple(key for key in modules if save_names and is_saved(key))
+    modules_to_save = saved_module_keys(modules, config.modules_to_save or [])
     is_target = name_matcher(target_spec)
     excludes = config.exclude_modules
     is_excluded = name_matcher(excludes) if excludes is not None else None
@@ -127,6 +134,51 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
             f"{list(modules)[:6]}."
         )
     return InjectionPlan(tuple(targets), modules_to_save)
+
+
+def saved_module_keys(modules: Iterable[str], names: list[str]) -> tuple[str, ...]:
+    """Paths of the modules trained whole and saved with the adapter (`modules_to_save`).
+
+    PEFT's rule: a path that ends with a name, as a plain string, so "classifier" also picks
+    DistilBERT's `pre_classifier` (a head the pretrained checkpoint lacks, which must train).
+    A module inside one already picked is left to its parent's copy.
+    """
+    keys: list[str] = []
+    for key in modules:
+        if any(key.endswith(name) for name in names) and not _is_within(key, tuple(keys)):
+            keys.append(key)
+    return tuple(keys)
+
+
+def corrected_fan_in_fan_out(model: nn.Module, plan: InjectionPlan, fan_in_fan_out: bool) -> bool:
+    """`fan_in_fan_out` as PEFT leaves it once the planned layers are wrapped.
+
+    The layer type decides the weight layout (Conv1D stores (in, out), nn.Linear (out, in)),
+    so the option cannot change the numbers; as PEFT does, a value that contradicts a newly
+    wrapped layer is corrected with a warning, and the corrected value is what gets saved.
+    """
+    value = fan_in_fan_out
+    for target in plan.targets:
+        if target.entry is None:  # already wrapped: PEFT leaves the option alone
+            continue
+        module = model.get_submodule(target.key)
+        if is_transformers_conv1d(module):
+            implied, kind = True, "Conv1D"
+        elif isinstance(module, nn.Linear) and not is_bnb_linear4bit(module):
+            implied, kind = False, "torch.nn.Linear"
+        else:
+            continue
+        if implied != value:
+            logger.warning(
+                "fan_in_fan_out is set to %s but the target module %r is `%s`. Setting "
+                "fan_in_fan_out to %s.",
+                value,
+                target.key,
+                kind,
+                implied,
+            )
+            value = implied
+    return value
 
 
 def _is_within(key: str, parents: tuple[str, ...]) -> bool:

@@ -1,6 +1,7 @@
 """Errors raised when reading, writing or fitting adapter files.
 
-Each error subclasses the built-in exception a caller would catch for that kind of problem
+All are `LorakitError`s (one hierarchy: the CLI prints them as messages), and each also
+subclasses the built-in exception a caller would catch for that kind of problem
 (`FileNotFoundError` for a missing adapter, `ValueError` for bad content), so code written for
 plain Python exceptions keeps working.
 """
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lorakit.errors import LorakitError
 
-class AdapterFileError(Exception):
+
+class AdapterFileError(LorakitError):
     """Base class of every adapter-file error in `lorakit.io`."""
 
 

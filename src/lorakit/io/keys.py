@@ -316,6 +316,30 @@ def _with_model_prefix(
     return {key.removeprefix(MODEL_KEY_PREFIX): value for key, value in file_state.items()}
 
 
+def remap_keys(
+    file_state: Mapping[str, torch.Tensor], key_mapping: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """Renames a file's keys with PEFT's `key_mapping` (regex -> replacement), before matching.
+
+    As in PEFT, each key is renamed without its `base_model.model.` (or `base_model.`) prefix,
+    which is put back after; the first pattern, in order, that replaces anything in a key
+    wins. Used for bases whose module names changed since the adapter was saved (transformers'
+    `_checkpoint_conversion_mapping`).
+    """
+    patterns = [(re.compile(pattern), replacement) for pattern, replacement in key_mapping.items()]
+    renamed: dict[str, torch.Tensor] = {}
+    for key, tensor in file_state.items():
+        prefix = next((p for p in (MODEL_KEY_PREFIX, "base_model.") if key.startswith(p)), "")
+        rest = key.removeprefix(prefix)
+        for pattern, replacement in patterns:
+            new_rest, count = pattern.subn(replacement, rest)
+            if count:
+                rest = new_rest
+                break
+        renamed[prefix + rest] = tensor
+    return renamed
+
+
 def find_mismatches(
     file_state: Mapping[str, torch.Tensor],
     adapter_name: str,
