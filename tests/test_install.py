@@ -96,7 +96,8 @@ def _copy_package(destination: Path) -> Path:
 
 def _run(command: list[str], timeout: float, **kwargs: object) -> subprocess.CompletedProcess:
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
-    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    shown = " ".join(part if len(part) < 200 else "<script>" for part in command)
+    assert result.returncode == 0, f"{shown}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
 
