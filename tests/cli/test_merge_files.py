@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,20 @@ def test_merge_replaces_stale_weights_and_keeps_other_files(tmp_path: Path) -> N
     merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(token_batch()).logits, expected, atol=MERGE_ATOL, rtol=0)
+
+
+def test_merge_failing_midway_leaves_the_old_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, adapter, _ = _base_and_adapter(tmp_path)
+    (base / "tokenizer.json").write_text("{}")  # copied after the model is written
+    out = tmp_path / "merged"
+    before = _old_output(out)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full while copying tokenizer.json")
+
+    monkeypatch.setattr(shutil, "copy2", fail)
+    assert _merge(base, adapter, out) == 2  # the command reports the error and exits 2
+    assert re.search(r"error: disk full while copying tokenizer\.json", capsys.readouterr().err)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
