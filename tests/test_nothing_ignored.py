@@ -159,6 +159,7 @@ OTHER_VALUES: dict[str, Any] = {
     "use_auth_token": "secret",
     "ephemeral_gpu_offload": True,
     "not_a_keyword": 1,
+    "r": 16,  # a LoraConfig field: peft would keep the file's value
 }
 HUB_KEYWORDS = sorted(
     set(inspect.signature(huggingface_hub.hf_hub_download).parameters)

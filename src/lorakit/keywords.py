@@ -7,6 +7,7 @@ since the caller asked for something (a Hub revision, a device map, ...) that wo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,6 +67,14 @@ UNUSED_VALUES: dict[str, tuple[object, ...]] = {
 }
 
 
+def _config_fields() -> set[str]:
+    """`LoraConfig`'s fields, which PEFT's loaders take in `**kwargs` and use only where the
+    file lacks them (imported here: `config` itself uses this module)."""
+    from .config import LoraConfig
+
+    return {item.name for item in dataclasses.fields(LoraConfig)}
+
+
 def _is_unused(keyword: str, value: object) -> bool:
     return value is None or any(value is unused for unused in UNUSED_VALUES.get(keyword, ()))
 
@@ -102,6 +111,12 @@ def check_load_keywords(method: str, options: Mapping[str, Any]) -> None:
                 raise UnsupportedOptionError(
                     f"{method}({keyword}={value!r}): {OTHER_LOAD_KEYWORDS[keyword]}."
                 )
+        elif keyword in _config_fields():
+            raise UnsupportedOptionError(
+                f"{method}({keyword}={value!r}): the adapter's config fields come from its "
+                "adapter_config.json, whose values PEFT would keep over this one. Fix: pass "
+                f"config=LoraConfig(...) with {keyword} set, or edit the file."
+            )
         else:
             raise UnsupportedOptionError(
                 f"{method}() got an unknown keyword {keyword}={value!r}. Fix: remove it; see "
