@@ -21,6 +21,7 @@ logger = logging.getLogger("lorakit.train")
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
 ADAPTER_FOLDER = "adapter"
+MODEL_FOLDER = "model"  # a fully fine-tuned model, saved whole
 SUMMARY_FILE = "summary.json"
 LABELS_FILE = "labels.json"
 
@@ -63,17 +64,42 @@ class MetricsLog:
             handle.write(json.dumps(event) + "\n")
 
 
-class Progress:
-    """A tqdm bar on a terminal; plain log lines (at logging steps) otherwise.
+PLAIN_LINE_SECONDS = 5.0  # without a terminal, a progress line at least this often
 
-    ``is_shown=False`` (ranks other than 0 of a distributed run) shows nothing.
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines otherwise.
+
+    Without a terminal (logs, CI, a pipe) a line is logged at each logging step and, between
+    logging steps, as soon as ``line_every_s`` seconds have passed since the last line, so a slow
+    run never looks stuck. Each line gives the step, the mean loss since the last logging step,
+    the learning rate, tokens/s and the ETA. ``is_shown=False`` (ranks other than 0 of a
+    distributed run) shows nothing.
+
+    Args:
+        total_steps: Optimizer steps of the run.
+        initial_step: The step the run starts from (resuming).
+        is_shown: Whether this process shows progress at all.
+        logging_steps: The trainer calls ``line`` at multiples of this (and the last step).
+        line_every_s: Longest wait between two plain lines.
     """
 
-    def __init__(self, total_steps: int, initial_step: int, is_shown: bool = True) -> None:
+    def __init__(
+        self,
+        total_steps: int,
+        initial_step: int,
+        is_shown: bool = True,
+        logging_steps: int = 1,
+        line_every_s: float = PLAIN_LINE_SECONDS,
+    ) -> None:
         self.total_steps = total_steps
         self.initial_step = initial_step
         self.is_shown = is_shown
+        self.logging_steps = logging_steps
+        self.line_every_s = line_every_s
         self.started = time.perf_counter()
+        self.last_line = self.started
+        self.losses: list[float] = []  # since the last logging step
         self.bar: Any = None
         if is_shown and sys.stderr.isatty():
             try:
@@ -88,26 +114,40 @@ class Progress:
         elapsed = time.perf_counter() - self.started
         return elapsed / done * (self.total_steps - step) if done > 0 else math.nan
 
+    def is_logging_step(self, step: int) -> bool:
+        return step % self.logging_steps == 0 or step == self.total_steps
+
     def step(self, step: int, loss: float, learning_rate: float, tokens_per_second: float) -> None:
-        """Advance the bar to ``step`` with the latest numbers."""
+        """Advance the bar to ``step``; without one, log a line if the last is too old."""
+        self.losses.append(loss)
         if self.bar is not None:
             self.bar.set_postfix(
                 loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens_per_second:.0f}"
             )
             self.bar.update(step - self.bar.n)
+            return
+        is_due = time.perf_counter() - self.last_line >= self.line_every_s
+        if self.is_shown and is_due and not self.is_logging_step(step):
+            mean_loss = sum(self.losses) / len(self.losses)
+            self._log(step, mean_loss, learning_rate, tokens_per_second)
 
     def line(self, step: int, loss: float, learning_rate: float, tokens_per_second: float) -> None:
         """A plain progress line at a logging step, when there is no bar."""
+        self.losses = []
         if self.is_shown and self.bar is None:
-            logger.info(
-                "step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  ETA %s",
-                step,
-                self.total_steps,
-                loss,
-                learning_rate,
-                tokens_per_second,
-                format_seconds(self.eta_seconds(step)),
-            )
+            self._log(step, loss, learning_rate, tokens_per_second)
+
+    def _log(self, step: int, loss: float, learning_rate: float, tokens_per_second: float) -> None:
+        self.last_line = time.perf_counter()
+        logger.info(
+            "step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  ETA %s",
+            step,
+            self.total_steps,
+            loss,
+            learning_rate,
+            tokens_per_second,
+            format_seconds(self.eta_seconds(step)),
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -275,15 +315,20 @@ def write_run_outputs(
     output_dir: Path,
     metric: str,
     label_to_id: Mapping[Any, int] | None,
+    saved_folder: str = ADAPTER_FOLDER,
 ) -> dict[str, Any]:
-    """Write the label map (classification), the plot and ``summary.json``; return the summary."""
+    """Write the label map (classification), the plot and ``summary.json``; return the summary.
+
+    ``saved_folder`` is where the trainer saved the result: the summary names it as
+    ``adapter_dir`` (``"adapter"``) or ``model_dir`` (``"model"``, full fine-tuning).
+    """
     if label_to_id is not None:
         labels = {str(label): index for label, index in label_to_id.items()}
         write_text(output_dir / LABELS_FILE, json.dumps(labels, indent=2))
     plot_metric = "eval_perplexity" if metric == "eval_loss" else metric  # loss is on the left
     plot = write_plot(events, output_dir / PLOT_FILE, plot_metric)
     summary = build_summary(model, state, metric, events)
-    summary["adapter_dir"] = str(output_dir / ADAPTER_FOLDER)
+    summary[f"{saved_folder}_dir"] = str(output_dir / saved_folder)
     summary["plot"] = None if plot is None else str(plot)  # None: matplotlib is missing
     write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary

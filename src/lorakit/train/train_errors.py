@@ -23,3 +23,7 @@ class CheckpointError(LorakitError, ValueError):
 
 class DistributedSetupError(LorakitError, RuntimeError):
     """A ``torchrun`` launch whose environment or process group training cannot use."""
+
+
+class UnsavableModelError(LorakitError, TypeError):
+    """The model given to the trainer cannot be saved at the end of the run."""

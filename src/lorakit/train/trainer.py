@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..io.atomic import replace_folder
 from . import fsdp
 from .checkpoint import (
     CHECKPOINT_PREFIX,
@@ -48,6 +49,7 @@ from .reading import DataSource
 from .reporting import (
     ADAPTER_FOLDER,
     METRICS_FILE,
+    MODEL_FOLDER,
     LogWindow,
     MetricsLog,
     Progress,
@@ -56,12 +58,22 @@ from .reporting import (
 )
 from .schedule import build_optimizer, build_scheduler
 from .tokenizing import Tokenizer
-from .train_errors import NonFiniteLossError
+from .train_errors import DistributedSetupError, NonFiniteLossError, UnsavableModelError
 
 logger = logging.getLogger("lorakit.train")
 
 # Key of every rank's RNG states in a checkpoint of a run on many processes.
 RANK_RNG_KEY = "rng_by_rank"
+
+
+def saves_adapters(model: nn.Module) -> bool:
+    """Whether ``model.save_pretrained`` writes adapters only (a ``peft_config`` attribute).
+
+    True for lorakit's and peft's ``PeftModel`` (also behind ``torch.compile``, which forwards
+    attributes) and for a transformers model with adapters loaded into it; false for a plain
+    transformers model, which the trainer fine-tunes and saves whole.
+    """
+    return hasattr(model, "peft_config")
 
 
 def _endless(loader: BatchLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -70,10 +82,15 @@ def _endless(loader: BatchLoader) -> Iterator[dict[str, torch.Tensor]]:
 
 
 class Trainer:
-    """Trains a ``PeftModel``'s trainable parameters on a dataset.
+    """Trains a model's trainable parameters on a dataset.
+
+    A ``PeftModel`` trains its adapters and saves them to ``<output_dir>/adapter``. Any other
+    transformers model trains every parameter with ``requires_grad`` (all of them: full
+    fine-tuning) and is saved whole, with its tokenizer, to ``<output_dir>/model``.
 
     Args:
-        model: A ``PeftModel`` (only parameters with ``requires_grad`` are trained).
+        model: A ``PeftModel``, or a transformers model (``save_pretrained``) for full
+            fine-tuning. Only parameters with ``requires_grad`` are trained.
         tokenizer: The model's tokenizer (tokenises file/list data, pads batches).
         config: The run's options.
         train_data: A ``TokenizedDataset`` or any source ``prepare_datasets`` reads.
@@ -158,6 +175,7 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         config, run = self.config, self.run
+        self._check_saveable()
         seed_everything(config.seed + run.rank)  # rank 0 draws what a single process draws
         if run.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +228,9 @@ class Trainer:
     ) -> None:
         config, state = self.config, self.state
         total_micro = None if config.max_steps else config.epochs * len(loader)
-        progress = Progress(total_steps, state.step, is_shown=self.run.is_main)
+        progress = Progress(
+            total_steps, state.step, is_shown=self.run.is_main, logging_steps=config.logging_steps
+        )
         batches = _endless(loader)
         window = LogWindow()
         try:
@@ -367,14 +387,44 @@ class Trainer:
         assert self.log is not None, "the metrics log is opened by train()"
         self.log.write(event)
 
+    def _check_saveable(self) -> None:
+        """Refuse, before any step, a model whose end-of-run save would fail.
+
+        Raises:
+            UnsavableModelError: Neither a ``PeftModel`` nor a model with ``save_pretrained``.
+            DistributedSetupError: Full fine-tuning under ``strategy="fsdp"``.
+        """
+        if saves_adapters(self.model):
+            return
+        if not callable(getattr(self.model, "save_pretrained", None)):
+            raise UnsavableModelError(
+                f"the Trainer saves a {type(self.model).__name__} at the end of the run, but it "
+                "has no save_pretrained; wrap it with lorakit.get_peft_model (LoRA), or pass a "
+                "transformers model (full fine-tuning)."
+            )
+        if self.is_sharded:
+            raise DistributedSetupError(
+                f"strategy='fsdp' gathers and saves adapters only; this {type(self.model).__name__}"
+                " is not a PeftModel (full fine-tuning). Use strategy='ddp', or wrap the model "
+                "with lorakit.get_peft_model."
+            )
+
     def _finish(self) -> dict[str, Any]:
+        is_adapter = saves_adapters(self.model)
         # Under FSDP every rank joins the gathering of the adapter's shards.
         adapter_state = fsdp.gather_adapter_state(self.model) if self.is_sharded else None
         if not self.run.is_main:  # files are rank 0's; the others report their counters
             return build_summary(self.model, self.state, main_metric(self.task)[0], [])
-        self.model.save_pretrained(  # type: ignore[operator]
-            self.output_dir / ADAPTER_FOLDER, state_dict=adapter_state
-        )
+        saved_folder = ADAPTER_FOLDER if is_adapter else MODEL_FOLDER
+        folder = self.output_dir / saved_folder
+        if is_adapter:
+            self.model.save_pretrained(folder, state_dict=adapter_state)  # type: ignore[operator]
+        else:  # full fine-tuning: the whole model and its tokenizer, for from_pretrained
+            with replace_folder(folder) as staging:
+                self.model.save_pretrained(staging)  # type: ignore[operator]
+                save_tokenizer = getattr(self.tokenizer, "save_pretrained", None)
+                if callable(save_tokenizer):
+                    save_tokenizer(staging)
         events = self.log.events if self.log is not None else []
         return write_run_outputs(
             self.model,
@@ -383,6 +433,7 @@ class Trainer:
             self.output_dir,
             main_metric(self.task)[0],
             self.train_dataset.label_to_id,
+            saved_folder=saved_folder,
         )
 
 
