@@ -167,14 +167,23 @@ def test_train_command_takes_the_strategy_flag(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from lorakit.cli import build_parser
-    from lorakit.cli.train import _options, run_train
+    from lorakit.cli.train import run_train
+    from lorakit.cli.train_options import gather_options
 
     parser = build_parser()
     args = ["train", "--model", "m", "--train-data", "x.jsonl", "--strategy"]
-    _, train_options = _options(parser.parse_args([*args, "fsdp"]))
-    assert TrainConfig.from_dict(train_options).strategy == "fsdp"
+    flags = vars(parser.parse_args([*args, "fsdp"]))
+    options = gather_options({}, {k: v for k, v in flags.items() if k not in ("command", "config")})
+    assert TrainConfig.from_dict(options.train).strategy == "fsdp"
     monkeypatch.chdir(tmp_path)
-    assert run_train(parser.parse_args([*args, "zero3"])) == 2
+    with pytest.raises(SystemExit) as stopped:
+        parser.parse_args([*args, "zero3"])
+    assert stopped.value.code == 2
+    assert "invalid choice: 'zero3' (choose from 'ddp', 'fsdp')" in capsys.readouterr().err
+    # The same value from a config file is refused by TrainConfig, exit status 2 too.
+    config = tmp_path / "run.json"
+    config.write_text('{"strategy": "zero3"}', encoding="utf-8")
+    assert run_train(parser.parse_args(["train", "--config", str(config), *args[1:5]])) == 2
     assert "strategy = 'zero3' is not allowed; use one of 'ddp', 'fsdp'" in capsys.readouterr().err
 
 
