@@ -135,3 +135,41 @@ def test_full_fine_tuning_under_fsdp_is_refused_before_training(
     with pytest.raises(DistributedSetupError, match="LlamaForCausalLM is not a PeftModel"):
         Trainer(model, causal_tokenizer, config, ROWS).train()
     assert not any(tmp_path.iterdir())
+
+
+class _Stop(Exception):
+    """Raised by a callback to end a run as a kill would, after a checkpoint."""
+
+
+def test_full_fine_tuning_checkpoints_resume_to_the_same_weights(
+    tmp_path: Path, causal_tokenizer: Any
+) -> None:
+    def run(folder: Path, stop_at: int | None) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = tiny_llama(vocab_size=len(causal_tokenizer))
+        config = TrainConfig(
+            max_steps=4,
+            batch_size=2,
+            learning_rate=1e-2,
+            save_steps=2,
+            resume=True,
+            output_dir=str(folder),
+        )
+
+        def stop(trainer: Trainer) -> None:
+            if trainer.state.step == stop_at:
+                raise _Stop(f"stopped at step {stop_at}")
+
+        Trainer(model, causal_tokenizer, config, ROWS, callbacks=[stop]).train()
+        return model
+
+    straight = run(tmp_path / "straight", stop_at=None)
+    with pytest.raises(_Stop, match="stopped at step 2"):
+        run(tmp_path / "resumed", stop_at=2)
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "checkpoint-2"
+    # The whole model is the trainable state: no second copy of it as an adapter folder.
+    assert sorted(path.name for path in checkpoint.iterdir() if path.is_dir()) == []
+    resumed = run(tmp_path / "resumed", stop_at=None)
+    expected = _weights(straight)
+    for name, tensor in _weights(resumed).items():
+        assert torch.equal(tensor, expected[name]), name

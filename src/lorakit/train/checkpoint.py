@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``<output_dir>/checkpoints/checkpoint-<step>/`` holding:
 
-- ``adapter/``: the adapter in PEFT's format (``save_pretrained``), usable on its own;
+- ``adapter/``: the adapter in PEFT's format (``save_pretrained``), usable on its own; left out
+  when the model is fine-tuned whole (its trainable tensors are then the whole model already);
 - ``trainable.safetensors``: every trainable tensor by parameter name (what resuming loads);
 - ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``;
 - ``trainer_state.pt``: the step, the data loader's position, the Python/NumPy/torch RNG states
@@ -108,6 +109,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def saves_adapters(model: nn.Module) -> bool:
+    """Whether ``model.save_pretrained`` writes adapters only (a ``peft_config`` attribute).
+
+    True for lorakit's and peft's ``PeftModel`` (also behind ``torch.compile``, which forwards
+    attributes) and for a transformers model with adapters loaded into it; false for a plain
+    transformers model, which the trainer fine-tunes and saves whole.
+    """
+    return hasattr(model, "peft_config")
+
+
 def checkpoint_step(path: Path) -> int | None:
     """The step of a ``checkpoint-<step>`` folder name, else ``None``."""
     suffix = path.name[len(CHECKPOINT_PREFIX) :]
@@ -168,7 +179,8 @@ def save_checkpoint(
     trainable = {name: tensor.contiguous() for name, tensor in gathered.trainable.items()}
     full_state = {**state, **(extra_state or {}), "rng": capture_rng_state()}
     with replace_folder(target) as temp:  # plain writes: the folder is renamed into place whole
-        model.save_pretrained(temp / "adapter", **adapter_options)  # type: ignore[operator]
+        if saves_adapters(model):
+            model.save_pretrained(temp / "adapter", **adapter_options)  # type: ignore[operator]
         save_file(trainable, str(temp / TRAINABLE_FILE))
         torch.save(gathered.optimizer, temp / "optimizer.pt")
         torch.save(scheduler.state_dict(), temp / "scheduler.pt")

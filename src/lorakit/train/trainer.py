@@ -29,6 +29,7 @@ from .checkpoint import (
     resolve_resume,
     restore_rng_state,
     save_checkpoint,
+    saves_adapters,
     seed_everything,
 )
 from .config import TrainConfig
@@ -64,16 +65,6 @@ logger = logging.getLogger("lorakit.train")
 
 # Key of every rank's RNG states in a checkpoint of a run on many processes.
 RANK_RNG_KEY = "rng_by_rank"
-
-
-def saves_adapters(model: nn.Module) -> bool:
-    """Whether ``model.save_pretrained`` writes adapters only (a ``peft_config`` attribute).
-
-    True for lorakit's and peft's ``PeftModel`` (also behind ``torch.compile``, which forwards
-    attributes) and for a transformers model with adapters loaded into it; false for a plain
-    transformers model, which the trainer fine-tunes and saves whole.
-    """
-    return hasattr(model, "peft_config")
 
 
 def _endless(loader: BatchLoader) -> Iterator[dict[str, torch.Tensor]]:
