@@ -176,7 +176,7 @@ def test_train_command_takes_the_strategy_flag(
     options = gather_options({}, {k: v for k, v in flags.items() if k not in ("command", "config")})
     assert TrainConfig.from_dict(options.train).strategy == "fsdp"
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(SystemExit, match=r"^2$") as stopped:  # argparse's exit status
         parser.parse_args([*args, "zero3"])
     assert stopped.value.code == 2
     assert "invalid choice: 'zero3' (choose from 'ddp', 'fsdp')" in capsys.readouterr().err

@@ -224,7 +224,7 @@ def test_empty_training_data_is_an_error(tmp_path: Path, causal_tokenizer: Any) 
     empty = TokenizedDataset([], "CAUSAL_LM", "text", "my list")
     with pytest.raises(EmptyDatasetError, match=r"training data \(my list\) has no rows"):
         Trainer(_model(causal_tokenizer), causal_tokenizer, TrainConfig(), empty)
-    with pytest.raises(EmptyDatasetError):
+    with pytest.raises(EmptyDatasetError, match=r"the data source 'list of rows' holds no rows"):
         Trainer(_model(causal_tokenizer), causal_tokenizer, TrainConfig(), [])
 
 
