@@ -143,6 +143,17 @@ def test_plain_install_in_a_fresh_venv_imports_every_module(tmp_path: Path) -> N
                 assert f"lorakit[{extra}]" in outcome, f"{name}: {outcome}"
         help_text = _run([str(venv / "bin" / "lorakit"), "--help"], timeout=120).stdout
         assert help_text.startswith("usage: lorakit")
+        # A command that needs an extra says which, in one line and with status 2.
+        inspect = subprocess.run(
+            [str(venv / "bin" / "lorakit"), "inspect", "some/model"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        assert inspect.returncode == 2, inspect.stderr
+        assert 'pip install "lorakit[transformers]"' in inspect.stderr
+        assert "Traceback" not in inspect.stderr
         _run([str(python), "-c", _DROPOUT_STEP], timeout=300, cwd=tmp_path)
     finally:
         shutil.rmtree(venv, ignore_errors=True)  # ~1 GB, mostly torch

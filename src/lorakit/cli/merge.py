@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorakitError
+from ..extras import import_optional
 from ..io import read_adapter_config
 from ..io.atomic import replace_files
 
@@ -52,7 +53,7 @@ def add_merge_parser(commands: argparse._SubParsersAction) -> None:
 
 def load_base(base: str, task_type: str | None) -> torch.nn.Module:
     """Build the base with the head its adapter was trained with."""
-    import transformers
+    transformers = import_optional("transformers", "transformers", "lorakit merge")
 
     auto_class = getattr(transformers, AUTO_CLASSES.get(task_type or "", "AutoModel"))
     model: torch.nn.Module = auto_class.from_pretrained(base)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from ..config import LoraConfig
 from ..errors import LorakitError
+from ..extras import import_optional
 from ..train.config import TrainConfig, read_config_file
 from .formatting import attribute_docs, escape, show_default
 from .train_model import AUTO_CLASSES
@@ -158,7 +159,7 @@ def _init_option(text: str) -> bool | str:
 
 
 def _train(options: RunOptions) -> dict[str, Any]:
-    import transformers
+    transformers = import_optional("transformers", "transformers", "lorakit train")
 
     from .. import get_peft_model
     from ..train import Trainer

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..constants import TASK_HEAD_MODULES
+from ..extras import import_optional
 from ..quant import QuantConfig, QuantLinear, load_quantized, quantize_model_linears
 from ..train.train_errors import TrainConfigError
 
@@ -47,7 +48,7 @@ def check_model(model: str) -> None:
         TrainConfigError: A folder without ``config.json``, or neither a folder nor a model
             id found in the cache (offline) or on the Hub.
     """
-    import transformers
+    transformers = import_optional("transformers", "transformers", "lorakit train")
 
     folder = Path(model)
     if folder.is_dir() and not (folder / "config.json").is_file():
@@ -83,7 +84,7 @@ def load_base(
         quantization: the ``quantization:`` options (`QuantConfig` fields, `skip_modules`,
             `torch_dtype`), or None for a full-precision base.
     """
-    import transformers
+    transformers = import_optional("transformers", "transformers", "lorakit train")
 
     auto_class = getattr(transformers, AUTO_CLASSES[task])
     options: dict[str, Any] = {}
@@ -168,7 +169,9 @@ def _local_folder(model: str) -> Path:
     """The folder holding ``model``'s files: itself, or its hub snapshot (cached when offline)."""
     if Path(model).is_dir():
         return Path(model)
-    from huggingface_hub import snapshot_download
+    snapshot_download = import_optional(
+        "huggingface_hub", "transformers", "lorakit train with a hub id"
+    ).snapshot_download
 
     try:
         return Path(snapshot_download(model, allow_patterns=list(SNAPSHOT_PATTERNS)))

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..extras import import_optional
 from ..ops.nf4 import FLOAT_DTYPES
 from .linear import QuantConfig, QuantLinear, _is_skipped
 
@@ -72,7 +73,7 @@ def load_quantized(
         ValueError: if the folder holds only pickled weights, for an unsupported dtype, or
             if the file leaves model weights unset (names given).
     """
-    import transformers
+    transformers = import_optional("transformers", "transformers", "load_quantized")
 
     folder = Path(path)
     files = _safetensors_files(folder)
@@ -92,7 +93,7 @@ def load_quantized(
     loader.check_complete(folder)
     if (folder / GENERATION_CONFIG).is_file() and hasattr(model, "generation_config"):
         generation_config = transformers.GenerationConfig.from_pretrained(folder)
-        model.generation_config = generation_config  # type: ignore[assignment]
+        model.generation_config = generation_config
     return model.eval()
 
 

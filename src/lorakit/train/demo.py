@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig, TaskType
+from ..extras import import_optional
 from ..io.atomic import write_file
 from ..model import get_peft_model
 from .config import TrainConfig
@@ -180,8 +181,9 @@ def load_data(model_dir: Path, epochs: int, max_train_rows: int | None) -> DemoD
         steps,
     )
     logger.info("[1/6] Importing transformers, loading the tokenizer and tokenising (a few s)")
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as transformers_logging
+    transformers = import_optional("transformers", "demo", "lorakit demo")
+    AutoTokenizer = transformers.AutoTokenizer
+    transformers_logging = transformers.logging
 
     # The new classification head is expected to be missing from the checkpoint: no report.
     transformers_logging.set_verbosity_error()
@@ -194,7 +196,8 @@ def load_data(model_dir: Path, epochs: int, max_train_rows: int | None) -> DemoD
 
 def _classifier(model_dir: Path, train: TokenizedDataset, seed: int) -> nn.Module:
     """The pretrained encoder with a new 2-class head, seeded so every build is the same."""
-    from transformers import AutoModelForSequenceClassification
+    transformers = import_optional("transformers", "demo", "lorakit demo")
+    AutoModelForSequenceClassification = transformers.AutoModelForSequenceClassification
 
     assert train.id_to_label is not None, "the demo data is classification data"
     id2label = {index: str(label) for index, label in train.id_to_label.items()}
