@@ -161,9 +161,11 @@ OTHER_VALUES: dict[str, Any] = {
     "not_a_keyword": 1,
     "r": 16,  # a LoraConfig field: peft would keep the file's value
 }
+# With a local folder, each Hub keyword would do nothing and is refused (lorakit.hub), except
+# local_files_only=True, which holds for a folder (tests/test_hub.py loads with it).
 HUB_KEYWORDS = sorted(
     set(inspect.signature(huggingface_hub.hf_hub_download).parameters)
-    - {"repo_id", "filename", "subfolder"}
+    - {"repo_id", "filename", "subfolder", "local_files_only"}
 )
 
 

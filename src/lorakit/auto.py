@@ -6,11 +6,13 @@ transformers is imported only when one of these is used.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
+from .config import ConfigSource
 from .errors import LorakitError
+from .hub import resolve_adapter_folder
 from .io import read_adapter_config
+from .keywords import split_hub_options
 from .model import PeftModel
 from .task_models import (
     PeftModelForCausalLM,
@@ -20,6 +22,9 @@ from .task_models import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+
+# The Hub keywords transformers' `from_pretrained` takes too: they apply to the base as well.
+BASE_HUB_KEYWORDS: tuple[str, ...] = ("cache_dir", "force_download", "local_files_only", "token")
 
 
 class _AutoPeftModel:
@@ -35,22 +40,49 @@ class _AutoPeftModel:
         adapter_path: str | os.PathLike[str],
         adapter_name: str = "default",
         is_trainable: bool = False,
+        config: ConfigSource | None = None,
+        revision: str | None = None,
+        *,
+        subfolder: str | None = None,
         **model_kwargs: Any,
     ) -> PeftModel:
-        """Build the base from the adapter's `base_model_name_or_path`, then load the adapter."""
+        """Build the base from the adapter's `base_model_name_or_path`, then load the adapter.
+
+        As in PEFT, `adapter_path` is a folder or a Hub repo id, and `revision` and
+        `subfolder` pick the adapter in its repo; the base is loaded at the revision the
+        adapter's config records (its `revision` field, set by `get_peft_model(revision=)`).
+        The Hub keywords transformers' `from_pretrained` also takes (`token`, `cache_dir`,
+        `force_download`, `local_files_only`) apply to both downloads; the other
+        `hf_hub_download` keywords to the adapter's; the rest of `model_kwargs` go to the
+        base's `from_pretrained` (e.g. `dtype`). `config` is `PeftModel.from_pretrained`'s.
+
+        Raises:
+            LorakitError: The adapter's config names no base model.
+            AdapterNotFoundError: The adapter is neither a folder nor found on the Hub.
+        """
         import transformers
 
-        config = read_adapter_config(adapter_path)
-        base_path = config.get("base_model_name_or_path")
+        hub_options, model_kwargs = split_hub_options({"revision": revision, **model_kwargs})
+        base_options = {
+            key: value for key, value in hub_options.items() if key in BASE_HUB_KEYWORDS
+        }
+        method = f"{cls.__name__}.from_pretrained"
+        folder = resolve_adapter_folder(
+            method, adapter_path, subfolder, hub_options, used_elsewhere=list(base_options)
+        )
+        adapter_config = read_adapter_config(folder)
+        base_path = adapter_config.get("base_model_name_or_path")
         if not base_path:
             raise LorakitError(
-                f"{Path(adapter_path) / 'adapter_config.json'} names no base_model_name_or_path; "
+                f"{folder / 'adapter_config.json'} names no base_model_name_or_path; "
                 "load the base yourself and call PeftModel.from_pretrained(base, adapter_path)."
             )
         auto_class = getattr(transformers, cls.auto_class_name)
-        base = auto_class.from_pretrained(base_path, **model_kwargs)
+        base = auto_class.from_pretrained(
+            base_path, revision=adapter_config.get("revision"), **base_options, **model_kwargs
+        )
         return cls.peft_model_class.from_pretrained(
-            base, adapter_path, adapter_name=adapter_name, is_trainable=is_trainable
+            base, folder, adapter_name=adapter_name, is_trainable=is_trainable, config=config
         )
 
 

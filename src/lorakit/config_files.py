@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import UnsupportedOptionError
+from .hub import resolve_adapter_folder
 from .io import CONFIG_NAME, CorruptAdapterFileError, read_adapter_config
 from .io.atomic import write_text
-from .keywords import HUB_KEYWORDS, check_load_keywords
+from .keywords import REFUSED_HUB_KEYWORDS, check_load_keywords, split_hub_options
 
 ConfigT = TypeVar("ConfigT", bound="ConfigFilesMixin")
 
@@ -63,15 +64,19 @@ class ConfigFilesMixin:
     ) -> ConfigT:
         """The config in a folder's `adapter_config.json` (`subfolder` of it if given).
 
+        A Hub repo id is downloaded as `PeftModel.from_pretrained` does, with its Hub keywords
+        (`revision`, `token`, `cache_dir`, ...).
+
         Raises:
-            UnsupportedOptionError: A keyword was given: config fields cannot be overridden
-                here (set them on the returned config), and Hub options are not read.
+            UnsupportedOptionError: Any other keyword was given: config fields cannot be
+                overridden here (set them on the returned config).
             AdapterNotFoundError, CorruptAdapterFileError: The file is missing or unreadable.
             ConfigError: The config is invalid or sets a feature lorakit does not implement.
         """
         fields = {item.name for item in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        for keyword, value in kwargs.items():
-            if keyword in HUB_KEYWORDS:  # `revision` is the Hub's here, as in PEFT
+        hub_options, other_options = split_hub_options(kwargs)  # `revision` is the Hub's
+        for keyword, value in other_options.items():
+            if keyword in REFUSED_HUB_KEYWORDS:
                 check_load_keywords("LoraConfig.from_pretrained", {keyword: value})
             elif keyword in fields:
                 raise UnsupportedOptionError(
@@ -83,9 +88,13 @@ class ConfigFilesMixin:
                     f"LoraConfig.from_pretrained() got an unknown keyword {keyword}={value!r}. "
                     "Fix: remove it."
                 )
-        folder = Path(pretrained_model_name_or_path)
-        if subfolder is not None:
-            folder = folder / subfolder
+        folder = resolve_adapter_folder(
+            "LoraConfig.from_pretrained",
+            pretrained_model_name_or_path,
+            subfolder,
+            hub_options,
+            with_weights=False,
+        )
         return cls.from_dict(read_adapter_config(folder))
 
     @classmethod

@@ -21,11 +21,12 @@ from torch.nn.modules.module import _IncompatibleKeys
 from .config import ConfigSource, LoraConfig
 from .constants import DEFAULT_ADAPTER_NAME
 from .errors import AdapterNameError, AdapterStateError
+from .hub import resolve_adapter_folder
 from .inject import apply_injection, iter_wrappers, plan_injection
 from .inject.trainable import refresh_trainable
 from .io import AdapterMismatch, AdapterMismatchError, find_mismatches, load_adapter_files
 from .io.keys import describe_mismatch, display_name, lora_module_paths, remap_keys
-from .keywords import check_load_keywords
+from .keywords import check_load_keywords, split_hub_options
 from .layers.routing import AdapterRouting
 from .model import PeftModel
 from .persistence import MODEL_PREFIX, _load_tensor, adapter_tensors_of
@@ -239,27 +240,30 @@ def load_peft_weights(
     """An adapter folder's tensors, under their file keys.
 
     Args:
-        model_id: The adapter folder (with `adapter_config.json`); Hub ids are not read.
+        model_id: The adapter folder (with `adapter_config.json`) or a Hub repo id, read
+            as `PeftModel.load_adapter` reads it.
         device: Where to put the tensors; None means this machine's accelerator if it has
             one, else the CPU (as in PEFT).
         key_mapping: PEFT's regex -> replacement renaming of the keys (applied without the
             `base_model.model.` prefix; the first pattern that matches a key wins).
         allow_pickle: Read `adapter_model.bin` when there is no safetensors file.
         subfolder: Read `model_id/subfolder` instead.
-        hf_hub_download_kwargs: Hub download options: refused (lorakit reads local folders).
+        hf_hub_download_kwargs: `hf_hub_download`'s options for a Hub repo id (`revision`,
+            `token`, ...).
 
     Raises:
-        UnsupportedOptionError: A Hub download option was given.
+        UnsupportedOptionError: A keyword lorakit does not implement, or a Hub option
+            given with a local folder.
         AdapterNotFoundError, PickleAdapterRefusedError, CorruptAdapterFileError: As
             `PeftModel.load_adapter`.
     """
-    check_load_keywords("load_peft_weights", hf_hub_download_kwargs)
+    hub_options, other_options = split_hub_options(hf_hub_download_kwargs)
+    check_load_keywords("load_peft_weights", other_options)
     if device is None:
         accelerator = torch.accelerator.current_accelerator(check_available=True)
         device = "cpu" if accelerator is None else accelerator.type
-    tensors, _ = load_adapter_files(
-        model_id, subfolder=subfolder, allow_pickle=allow_pickle, device=device
-    )
+    folder = resolve_adapter_folder("load_peft_weights", model_id, subfolder, hub_options)
+    tensors, _ = load_adapter_files(folder, allow_pickle=allow_pickle, device=device)
     return remap_keys(tensors, key_mapping) if key_mapping else tensors
 
 

@@ -1,8 +1,9 @@
-"""PEFT's keyword arguments of `save_pretrained`, `from_pretrained` and `load_adapter` that
-lorakit does not implement: each one given a value other than "unused" raises, naming it.
+"""PEFT's keyword arguments of `save_pretrained`, `from_pretrained` and `load_adapter`: which
+lorakit passes to the Hugging Face Hub, and which it refuses (each one given a value other than
+"unused" raises, naming it).
 
 PEFT passes these through `**kwargs`; a keyword that does nothing here must not pass silently,
-since the caller asked for something (a Hub revision, a device map, ...) that would not happen.
+since the caller asked for something (a device map, a pickle file, ...) that would not happen.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any
 
 from .errors import UnsupportedOptionError
 
-# hf_hub_download's options (and `use_auth_token`): lorakit reads local folders only.
-HUB_KEYWORDS: tuple[str, ...] = (
+# hf_hub_download's options that lorakit passes to it when `model_id` is a Hub repo id
+# (`lorakit.hub`); `subfolder` is a named keyword of the loaders.
+HUB_DOWNLOAD_KEYWORDS: tuple[str, ...] = (
     "cache_dir",
-    "dry_run",
     "endpoint",
     "etag_timeout",
     "force_download",
@@ -25,14 +26,25 @@ HUB_KEYWORDS: tuple[str, ...] = (
     "library_version",
     "local_dir",
     "local_files_only",
-    "proxies",
     "repo_type",
     "revision",
     "token",
     "tqdm_class",
-    "use_auth_token",
     "user_agent",
 )
+# Hub keywords PEFT takes that lorakit refuses: keyword -> why, and the fix.
+REFUSED_HUB_KEYWORDS: dict[str, str] = {
+    "dry_run": (
+        "a dry run downloads nothing, so there would be no adapter to load. Fix: remove it; "
+        "huggingface_hub.hf_hub_download(repo_id, filename, dry_run=True) reports what would "
+        "be downloaded"
+    ),
+    "proxies": (
+        "huggingface_hub 1.0 and later take no proxies argument. Fix: set the HTTPS_PROXY "
+        "environment variable instead"
+    ),
+    "use_auth_token": "it is the old name of token. Fix: pass token=... instead",
+}
 # accelerate's dispatch of a model spread over devices and disk.
 DISPATCH_KEYWORDS: tuple[str, ...] = (
     "device_map",
@@ -75,7 +87,8 @@ def _config_fields() -> set[str]:
     return {item.name for item in dataclasses.fields(LoraConfig)}
 
 
-def _is_unused(keyword: str, value: object) -> bool:
+def is_unused(keyword: str, value: object) -> bool:
+    """Whether `value` asks for nothing: None, or one of the keyword's `UNUSED_VALUES`."""
     return value is None or any(value is unused for unused in UNUSED_VALUES.get(keyword, ()))
 
 
@@ -91,23 +104,27 @@ def check_load_keywords(method: str, options: Mapping[str, Any]) -> None:
             keyword is unknown; the message names it and the fix.
     """
     for keyword, value in options.items():
-        if keyword in HUB_KEYWORDS:
-            if not _is_unused(keyword, value):
+        if keyword in HUB_DOWNLOAD_KEYWORDS:
+            if not is_unused(keyword, value):
                 raise UnsupportedOptionError(
-                    f"{method}({keyword}={value!r}): lorakit reads adapters from local folders "
-                    "only and does not download from the Hugging Face Hub. Fix: download the "
-                    f"adapter first, e.g. huggingface_hub.snapshot_download(repo_id, "
-                    f"{keyword}=...), and pass the folder."
+                    f"{method}({keyword}={value!r}): {method} does not download from the "
+                    "Hugging Face Hub. Fix: remove it; PeftModel.from_pretrained and "
+                    "load_adapter take a Hub repo id with this keyword."
+                )
+        elif keyword in REFUSED_HUB_KEYWORDS:
+            if not is_unused(keyword, value):
+                raise UnsupportedOptionError(
+                    f"{method}({keyword}={value!r}): {REFUSED_HUB_KEYWORDS[keyword]}."
                 )
         elif keyword in DISPATCH_KEYWORDS:
-            if not _is_unused(keyword, value):
+            if not is_unused(keyword, value):
                 raise UnsupportedOptionError(
                     f"{method}({keyword}={value!r}): lorakit does not dispatch models over "
                     "devices or disk (accelerate's device_map). Fix: place the base model "
                     "yourself; adapters follow their layers (or pass torch_device)."
                 )
         elif keyword in OTHER_LOAD_KEYWORDS:
-            if not _is_unused(keyword, value):
+            if not is_unused(keyword, value):
                 raise UnsupportedOptionError(
                     f"{method}({keyword}={value!r}): {OTHER_LOAD_KEYWORDS[keyword]}."
                 )
@@ -124,6 +141,13 @@ def check_load_keywords(method: str, options: Mapping[str, Any]) -> None:
             )
 
 
+def split_hub_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`hf_hub_download` options lorakit passes on, the other keywords), from `options`."""
+    hub = {key: value for key, value in options.items() if key in HUB_DOWNLOAD_KEYWORDS}
+    rest = {key: value for key, value in options.items() if key not in HUB_DOWNLOAD_KEYWORDS}
+    return hub, rest
+
+
 def check_save_keywords(options: Mapping[str, Any]) -> None:
     """Raise for any keyword of `save_pretrained` lorakit's signature did not name.
 
@@ -136,5 +160,6 @@ def check_save_keywords(options: Mapping[str, Any]) -> None:
     for keyword, value in options.items():
         raise UnsupportedOptionError(
             f"save_pretrained() got {keyword}={value!r}, which lorakit does not implement "
-            "(it writes the adapter folder only, and never uploads). Fix: remove it."
+            "(it writes the adapter folder only; PeftModel.push_to_hub(repo_id) uploads it). "
+            "Fix: remove it."
         )

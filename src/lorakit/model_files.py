@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
@@ -17,8 +16,9 @@ from torch import nn
 from .config import ConfigSource, LoraConfig
 from .constants import DEFAULT_ADAPTER_NAME
 from .errors import UnsupportedOptionError
+from .hub import DEFAULT_MAX_SHARD_SIZE, push_adapters, resolve_adapter_folder
 from .io import read_adapter_config
-from .keywords import check_load_keywords, check_save_keywords
+from .keywords import check_load_keywords, check_save_keywords, split_hub_options
 from .persistence import config_from_file, load_adapter_into, save_adapters
 
 if TYPE_CHECKING:
@@ -97,6 +97,9 @@ class AdapterFilesMixin:
     ) -> None:
         """Load a saved adapter under `adapter_name` (inactive; frozen unless `is_trainable`).
 
+        `model_id` is a folder or a Hub repo id ("org/name"), downloaded with
+        `huggingface_hub` into its cache (read from it when offline), with `subfolder` and
+        `hf_hub_download`'s keywords (`revision`, `token`, `cache_dir`, `force_download`, ...).
         Only safetensors files are read unless `allow_pickle`. The file is read onto
         `torch_device` (default CPU), and each tensor then sits beside its layer. A file
         that does not fit the model, or whose config uses a feature lorakit does not
@@ -109,17 +112,21 @@ class AdapterFilesMixin:
 
         Raises:
             UnsupportedOptionError: `ephemeral_gpu_offload=True` or another PEFT keyword
-                lorakit does not implement (Hub downloads, device maps), named.
+                lorakit does not implement (device maps, ...), named; or a Hub keyword
+                given with a local folder.
+            AdapterNotFoundError: `model_id` is neither a folder nor found on the Hub (or in
+                the cache, offline).
         """
+        hub_options, other_options = split_hub_options(kwargs)
         check_load_keywords("load_adapter", {"ephemeral_gpu_offload": ephemeral_gpu_offload})
-        check_load_keywords("load_adapter", kwargs)
+        check_load_keywords("load_adapter", other_options)
+        folder = resolve_adapter_folder("load_adapter", model_id, subfolder, hub_options)
         load_adapter_into(
             cast("PeftModel", self),
-            model_id,
+            folder,
             adapter_name,
             is_trainable,
             allow_pickle,
-            subfolder,
             torch_device=torch_device,
             autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage,
@@ -144,16 +151,17 @@ class AdapterFilesMixin:
         torch_device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> PeftModel:
-        """Wrap `model` with the adapter saved in `model_id` (a folder) and return it.
+        """Wrap `model` with the adapter saved in `model_id` and return it.
 
-        `config` (a lorakit or peft `LoraConfig`, or a dict) replaces the saved config; as
-        in PEFT its `inference_mode` follows `is_trainable` (the caller's object is not
-        changed). The other options are `load_adapter`'s. If anything fails, `model` is left
-        as it was.
+        `model_id` is a folder or a Hub repo id, as in `load_adapter`. `config` (a lorakit or
+        peft `LoraConfig`, or a dict) replaces the saved config; as in PEFT its
+        `inference_mode` follows `is_trainable` (the caller's object is not changed). The
+        other options are `load_adapter`'s. If anything fails, `model` is left as it was.
         """
+        hub_options, other_options = split_hub_options(kwargs)
         check_load_keywords("from_pretrained", {"ephemeral_gpu_offload": ephemeral_gpu_offload})
-        check_load_keywords("from_pretrained", kwargs)
-        folder = Path(model_id) if subfolder is None else Path(model_id) / subfolder
+        check_load_keywords("from_pretrained", other_options)
+        folder = resolve_adapter_folder("from_pretrained", model_id, subfolder, hub_options)
         if config is None:
             lora_config = config_from_file(read_adapter_config(folder), is_trainable, folder)
         else:
@@ -187,3 +195,55 @@ class AdapterFilesMixin:
             peft_model.unload()
             raise
         return peft_model
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
+        tags: list[str] | None = None,
+        safe_serialization: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+    ) -> Any:
+        """Upload the adapters to the Hugging Face Hub repo `repo_id`, never the base model.
+
+        The keywords are transformers' `push_to_hub`'s (which PEFT's is), plus
+        `save_pretrained`'s `safe_serialization` and `selected_adapters`. The repo gets
+        exactly what `save_pretrained` writes for the selected adapters, and a `README.md`
+        model card: the repo's own card if it has one (its text kept), else a new one, with
+        `tags` and the base model's Hub id added. The repo (`private` applies if it is
+        created) and the branch `revision` are created if missing; `create_pr` opens a pull
+        request instead of committing to the branch. `huggingface_hub` does the upload.
+
+        Returns:
+            The commit (`huggingface_hub.CommitInfo`; its `str` is the commit's URL).
+
+        Raises:
+            UnsupportedOptionError: `max_shard_size` other than the default or None (adapter
+                weights are one file, never sharded).
+            AdapterNameError: A selected adapter does not exist.
+        """
+        if max_shard_size is not None and max_shard_size != DEFAULT_MAX_SHARD_SIZE:
+            raise UnsupportedOptionError(
+                f"push_to_hub(max_shard_size={max_shard_size!r}): lorakit writes each adapter's "
+                "weights as one file, never sharded. Fix: remove it."
+            )
+        return push_adapters(
+            cast("PeftModel", self),
+            repo_id,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            tags=tags,
+            selected_adapters=selected_adapters,
+            safe_serialization=safe_serialization,
+        )
