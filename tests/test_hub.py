@@ -7,6 +7,7 @@ pushing runs with `HfApi`'s network calls replaced by recorders that keep the up
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import subprocess
@@ -248,6 +249,8 @@ def test_auto_peft_model_loads_the_adapter_and_the_base_revision_from_the_hub(
     assert torch.equal(_logits(loaded), at_v1)
     with pytest.raises(UnsupportedOptionError, match=r"revision='v2'\): .* is a local folder"):
         AutoPeftModelForCausalLM.from_pretrained(folders["at-v1"], revision=BRANCH)
+    with pytest.raises(UnsupportedOptionError, match=r"import_allowlist=\['x'\]\): .*Fix"):
+        AutoPeftModelForCausalLM.from_pretrained(ADAPTER_REPO, import_allowlist=["x"])
 
 
 def test_auto_peft_model_reads_the_cache_named_by_the_environment(
@@ -416,3 +419,21 @@ def test_push_to_hub_refuses_before_creating_anything(
     with pytest.raises(error, match=named):
         _adapter_model(0).push_to_hub("someorg/pushed", **options)
     assert recorder.calls == []
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (PeftModel.push_to_hub, peft.PeftModel.push_to_hub),
+        (AutoPeftModelForCausalLM.from_pretrained, peft.AutoPeftModelForCausalLM.from_pretrained),
+    ],
+    ids=["push_to_hub", "AutoPeftModel.from_pretrained"],
+)
+def test_peft_keywords_are_named_in_the_same_order(ours: Any, theirs: Any) -> None:
+    def named(function: Any) -> list[str]:
+        parameters = inspect.signature(function).parameters.values()
+        return [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+    # The first is `self`, or the adapter's path (PEFT's pretrained_model_name_or_path, given
+    # by position).
+    assert named(ours)[1 : len(named(theirs))] == named(theirs)[1:]

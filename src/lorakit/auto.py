@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from .config import ConfigSource
-from .errors import LorakitError
+from .errors import LorakitError, UnsupportedOptionError
 from .hub import resolve_adapter_folder
 from .io import read_adapter_config
 from .keywords import split_hub_options
@@ -42,6 +42,7 @@ class _AutoPeftModel:
         is_trainable: bool = False,
         config: ConfigSource | None = None,
         revision: str | None = None,
+        import_allowlist: list[str] | None = None,
         *,
         subfolder: str | None = None,
         **model_kwargs: Any,
@@ -59,8 +60,19 @@ class _AutoPeftModel:
         Raises:
             LorakitError: The adapter's config names no base model.
             AdapterNotFoundError: The adapter is neither a folder nor found on the Hub.
+            UnsupportedOptionError: `import_allowlist` is given (PEFT's guard for bases of
+                other libraries, named by a config's `auto_mapping`: lorakit builds
+                transformers bases only), or a Hub option with a local folder.
         """
         import transformers
+
+        if import_allowlist is not None:
+            raise UnsupportedOptionError(
+                f"{cls.__name__}.from_pretrained(import_allowlist={import_allowlist!r}): "
+                "lorakit builds the base with transformers' auto classes only, so no other "
+                "library is imported. Fix: remove it; for another library's model, build the "
+                "base yourself and call PeftModel.from_pretrained(base, adapter_path)."
+            )
 
         hub_options, model_kwargs = split_hub_options({"revision": revision, **model_kwargs})
         base_options = {
