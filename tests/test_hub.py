@@ -234,8 +234,10 @@ def _expected(base_folder: Path, adapter_folder: Path) -> torch.Tensor:
 
 
 def test_auto_peft_model_loads_the_adapter_and_the_base_revision_from_the_hub(
-    hub_cache: Path, tmp_path: Path
+    hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import transformers
+
     folders = _cache_base_and_adapter(hub_cache, tmp_path)
     at_v1 = _expected(folders["base-v1"], folders["at-v1"])
     assert not torch.allclose(at_v1, _expected(folders["base-main"], folders["at-v1"]))
@@ -244,9 +246,32 @@ def test_auto_peft_model_loads_the_adapter_and_the_base_revision_from_the_hub(
     # revision picks the adapter's snapshot; that adapter names no base revision: main.
     loaded = AutoPeftModelForCausalLM.from_pretrained(ADAPTER_REPO, revision=BRANCH)
     assert torch.equal(_logits(loaded), _expected(folders["base-main"], folders["at-main"]))
-    # token goes to both downloads; a folder holding the adapter needs no revision.
+    # token and cache_dir reach both downloads, other keywords the base only.
+    base_calls: list[dict[str, Any]] = []
+    adapter_calls: list[dict[str, Any]] = []
+    build_base = transformers.AutoModelForCausalLM.from_pretrained
+    download = huggingface_hub.hf_hub_download
+
+    def recording_build(*args: Any, **options: Any) -> Any:
+        base_calls.append(options)
+        return build_base(*args, **options)
+
+    def recording_download(repo_id: str, filename: str, **options: Any) -> str:
+        adapter_calls.append(options)
+        return download(repo_id, filename, **options)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording_build)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording_download)
+    hub = {"token": "hf_secret", "cache_dir": str(hub_cache)}
+    loaded = AutoPeftModelForCausalLM.from_pretrained(ADAPTER_REPO, dtype=torch.float32, **hub)
+    assert torch.equal(_logits(loaded), at_v1)
+    assert base_calls == [{"revision": "v1", **hub, "dtype": torch.float32}]
+    assert adapter_calls == 2 * [{"subfolder": None, "revision": None, **hub}]
+    # A folder holding the adapter: the token still reaches the base; a revision, nothing.
+    base_calls.clear()
     loaded = AutoPeftModelForCausalLM.from_pretrained(folders["at-v1"], token="hf_secret")
     assert torch.equal(_logits(loaded), at_v1)
+    assert base_calls == [{"revision": "v1", "token": "hf_secret"}]
     with pytest.raises(UnsupportedOptionError, match=r"revision='v2'\): .* is a local folder"):
         AutoPeftModelForCausalLM.from_pretrained(folders["at-v1"], revision=BRANCH)
     with pytest.raises(UnsupportedOptionError, match=r"import_allowlist=\['x'\]\): .*Fix"):
