@@ -31,6 +31,7 @@ from lorakit import (
     load_peft_weights,
 )
 from lorakit.errors import UnsupportedOptionError
+from lorakit.extras import MissingDependencyError
 from lorakit.io import AdapterNotFoundError
 from lorakit.layers import LoraLayer
 from tiny_models import tiny_llama, token_batch
@@ -200,6 +201,18 @@ def test_hub_options_with_a_local_folder_raise(adapters: dict[str, Path]) -> Non
     assert torch.equal(
         _logits(loaded), _logits(PeftModel.from_pretrained(tiny_llama(), adapters["main"]))
     )
+
+
+def test_a_hub_id_without_huggingface_hub_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(
+        MissingDependencyError,
+        match=r"from_pretrained with a Hub repo id needs the package 'huggingface_hub'.*"
+        r'pip install "lorakit\[transformers\]"',
+    ):
+        PeftModel.from_pretrained(tiny_llama(), ADAPTER_REPO)
+    with pytest.raises(MissingDependencyError, match=r"push_to_hub needs the package"):
+        _adapter_model(0).push_to_hub("someorg/pushed")
 
 
 def _cache_base_and_adapter(hub_cache: Path, tmp_path: Path) -> dict[str, Path]:

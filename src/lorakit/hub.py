@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UnsupportedOptionError
+from .extras import import_optional
 from .io import (
     CONFIG_NAME,
     PICKLE_WEIGHTS_NAME,
@@ -36,6 +37,8 @@ MODEL_CARD_TAGS: tuple[str, ...] = ("lora", "lorakit")
 MODEL_CARD_LIBRARY = "peft"
 MODEL_CARD_NAME = "README.md"
 DEFAULT_MAX_SHARD_SIZE = "50GB"
+# The lorakit extra that installs huggingface_hub (transformers depends on it).
+HUB_EXTRA = "transformers"
 
 
 def resolve_adapter_folder(
@@ -94,22 +97,22 @@ def _download_adapter(
     The weights are `adapter_model.safetensors`, else `adapter_model.bin` (refused later by
     the reader unless `allow_pickle`), as PEFT looks for them.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    hub = import_optional("huggingface_hub", HUB_EXTRA, f"{method} with a Hub repo id")
+    errors = import_optional("huggingface_hub.errors", HUB_EXTRA, method)
 
     def download(filename: str) -> Path:
-        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, **hub_options))
+        return Path(hub.hf_hub_download(repo_id, filename, subfolder=subfolder, **hub_options))
 
     try:
         folder = download(CONFIG_NAME).parent
-    except (OSError, ValueError, EntryNotFoundError) as error:
+    except (OSError, ValueError, errors.EntryNotFoundError) as error:
         raise _not_found(method, repo_id, subfolder, hub_options, error) from None
     if not with_weights:
         return folder
     for weights_name in (SAFETENSORS_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
         try:
             weights_folder = download(weights_name).parent
-        except EntryNotFoundError:
+        except errors.EntryNotFoundError:
             continue
         except (OSError, ValueError) as error:
             raise _not_found(method, repo_id, subfolder, hub_options, error) from None
@@ -131,8 +134,7 @@ def _not_found(
     error: BaseException,
 ) -> AdapterNotFoundError:
     """The error for an adapter that is neither a local folder nor found on the Hub."""
-    from huggingface_hub import constants
-
+    constants = import_optional("huggingface_hub.constants", HUB_EXTRA, method)
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     where = f"{repo_id}/{subfolder}" if subfolder else repo_id
     revision = hub_options.get("revision")
@@ -175,11 +177,10 @@ def push_adapters(
     Returns:
         `HfApi.upload_folder`'s `CommitInfo` (its `str` is the commit's URL).
     """
-    from huggingface_hub import HfApi
-
+    hub = import_optional("huggingface_hub", HUB_EXTRA, "push_to_hub")
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
     model._check_exist(names)
-    api = HfApi(token=token)
+    api = hub.HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr/"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -213,18 +214,19 @@ def _model_card(
 
     An existing card's text is kept, as transformers' `push_to_hub` keeps it.
     """
-    from huggingface_hub import ModelCard, ModelCardData
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
-
+    hub = import_optional("huggingface_hub", HUB_EXTRA, "push_to_hub")
+    errors = import_optional("huggingface_hub.errors", HUB_EXTRA, "push_to_hub")
     try:
-        card = ModelCard.load(repo_id, token=api.token)
-    except (EntryNotFoundError, RepositoryNotFoundError):
+        card = hub.ModelCard.load(repo_id, token=api.token)
+    except (errors.EntryNotFoundError, errors.RepositoryNotFoundError):
         description = (
             f"LoRA adapter(s) {', '.join(names)}, saved by lorakit in PEFT's format "
             f"({CONFIG_NAME} + adapter weights): load with peft or lorakit's "
             "`PeftModel.from_pretrained(base, repo_id)`."
         )
-        card = ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n\n# {repo_id}\n\n{description}\n")
+        card = hub.ModelCard(
+            f"---\n{hub.ModelCardData().to_yaml()}\n---\n\n# {repo_id}\n\n{description}\n"
+        )
     data = card.data
     card_tags = list(data.tags or [])
     for tag in (*MODEL_CARD_TAGS, *(tags or ())):
