@@ -1,5 +1,5 @@
-"""Training libraries that drive a lorakit `PeftModel`: transformers' `Trainer` and TRL.
+"""Other libraries working with lorakit models (transformers' `Trainer`, TRL's `SFTTrainer`, ...).
 
-Each module imports its library only when one of its trainer classes is first used, so
-`import lorakit.integrations.transformers` works without transformers installed.
+Each module imports its library only when first used, so every module here imports on a plain
+install (for example `lorakit.integrations.transformers` without transformers).
 """
