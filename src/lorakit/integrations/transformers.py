@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedOptionError
+from ..extras import import_optional
 from ..io.atomic import write_file
 from ..model import PeftModel
 from .checkpoints import load_checkpoint_adapters
@@ -141,13 +142,7 @@ def __getattr__(name: str) -> Any:
     """`LorakitTrainer`: `transformers.Trainer` with the mixin, built on first use."""
     if name != "LorakitTrainer":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:
-        import transformers
-    except ImportError as error:
-        raise ImportError(
-            "lorakit.integrations.transformers.LorakitTrainer needs transformers. Fix: pip "
-            'install "lorakit[transformers]".'
-        ) from error
+    transformers = import_optional("transformers", "transformers", f"{__name__}.{name}")
     trainer_class = lorakit_trainer_class(transformers.Trainer)
     globals()[name] = trainer_class
     return trainer_class

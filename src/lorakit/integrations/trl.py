@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import LoraConfig
 from ..errors import UnsupportedOptionError
+from ..extras import import_optional
 from ..layers.base import LoraLayer
 from ..model import PeftModel
 from .transformers import LorakitTrainerMixin
@@ -93,12 +94,7 @@ def __getattr__(name: str) -> Any:
     """`LorakitSFTTrainer`: `trl.SFTTrainer` with `LorakitSFTMixin`, built on first use."""
     if name != "LorakitSFTTrainer":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:
-        import trl
-    except ImportError as error:
-        raise ImportError(
-            "lorakit.integrations.trl.LorakitSFTTrainer needs trl. Fix: pip install trl."
-        ) from error
+    trl = import_optional("trl", "trl", f"{__name__}.{name}")
     trainer_class = type(
         name,
         (LorakitSFTMixin, trl.SFTTrainer),
