@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import ConfigSource
 from .errors import LorakitError, UnsupportedOptionError
+from .extras import import_optional
 from .hub import resolve_adapter_folder
 from .io import read_adapter_config
 from .keywords import split_hub_options
@@ -37,7 +38,7 @@ class _AutoPeftModel:
     @classmethod
     def from_pretrained(
         cls,
-        adapter_path: str | os.PathLike[str],
+        pretrained_model_name_or_path: str | os.PathLike[str],
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: ConfigSource | None = None,
@@ -49,9 +50,10 @@ class _AutoPeftModel:
     ) -> PeftModel:
         """Build the base from the adapter's `base_model_name_or_path`, then load the adapter.
 
-        As in PEFT, `adapter_path` is a folder or a Hub repo id, and `revision` and
-        `subfolder` pick the adapter in its repo; the base is loaded at the revision the
-        adapter's config records (its `revision` field, set by `get_peft_model(revision=)`).
+        As in PEFT, `pretrained_model_name_or_path` (the adapter) is a folder or a Hub repo id,
+        and `revision` and `subfolder` pick the adapter in its repo; the base is loaded at the
+        revision the adapter's config records (its `revision` field, set by
+        `get_peft_model(revision=)`).
         The Hub keywords transformers' `from_pretrained` also takes (`token`, `cache_dir`,
         `force_download`, `local_files_only`) apply to both downloads; the other
         `hf_hub_download` keywords to the adapter's; the rest of `model_kwargs` go to the
@@ -64,14 +66,14 @@ class _AutoPeftModel:
                 other libraries, named by a config's `auto_mapping`: lorakit builds
                 transformers bases only), or a Hub option with a local folder.
         """
-        import transformers
+        transformers = import_optional("transformers", "transformers", cls.__name__)
 
         if import_allowlist is not None:
             raise UnsupportedOptionError(
                 f"{cls.__name__}.from_pretrained(import_allowlist={import_allowlist!r}): "
                 "lorakit builds the base with transformers' auto classes only, so no other "
                 "library is imported. Fix: remove it; for another library's model, build the "
-                "base yourself and call PeftModel.from_pretrained(base, adapter_path)."
+                "base yourself and call PeftModel.from_pretrained(base, folder)."
             )
 
         hub_options, model_kwargs = split_hub_options({"revision": revision, **model_kwargs})
@@ -80,14 +82,18 @@ class _AutoPeftModel:
         }
         method = f"{cls.__name__}.from_pretrained"
         folder = resolve_adapter_folder(
-            method, adapter_path, subfolder, hub_options, used_elsewhere=list(base_options)
+            method,
+            pretrained_model_name_or_path,
+            subfolder,
+            hub_options,
+            used_elsewhere=list(base_options),
         )
         adapter_config = read_adapter_config(folder)
         base_path = adapter_config.get("base_model_name_or_path")
         if not base_path:
             raise LorakitError(
                 f"{folder / 'adapter_config.json'} names no base_model_name_or_path; "
-                "load the base yourself and call PeftModel.from_pretrained(base, adapter_path)."
+                "load the base yourself and call PeftModel.from_pretrained(base, folder)."
             )
         auto_class = getattr(transformers, cls.auto_class_name)
         base = auto_class.from_pretrained(
