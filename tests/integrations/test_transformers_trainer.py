@@ -194,3 +194,15 @@ def test_other_models_are_saved_as_trainer_saves_them(tmp_path: Path) -> None:
     names = {path.name for path in (tmp_path / "checkpoint-1").iterdir()}
     assert "model.safetensors" in names
     assert "adapter_config.json" not in names
+
+
+def test_lorakit_trainer_class_puts_the_mixin_first() -> None:
+    from lorakit.integrations.transformers import LorakitTrainerMixin, lorakit_trainer_class
+
+    class CustomTrainer(transformers.Trainer):
+        pass
+
+    combined = lorakit_trainer_class(CustomTrainer)
+    assert combined.__name__ == "LorakitCustomTrainer"
+    assert combined.__mro__[1:3] == (LorakitTrainerMixin, CustomTrainer)
+    assert LorakitTrainer.__mro__[1:3] == (LorakitTrainerMixin, transformers.Trainer)
