@@ -206,3 +206,41 @@ def test_lorakit_trainer_class_puts_the_mixin_first() -> None:
     assert combined.__name__ == "LorakitCustomTrainer"
     assert combined.__mro__[1:3] == (LorakitTrainerMixin, CustomTrainer)
     assert LorakitTrainer.__mro__[1:3] == (LorakitTrainerMixin, transformers.Trainer)
+
+
+def _tiny_bert_question_answering() -> torch.nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForQuestionAnswering(config).eval()
+
+
+def test_the_inner_models_inputs_and_labels_are_kept(tmp_path: Path) -> None:
+    """A QA model reads `start_positions`/`end_positions`, which the wrapper's forward does not
+    name: they stay in the batches (train loss) and are the labels (eval loss)."""
+    model = get_peft_model(
+        _tiny_bert_question_answering(),
+        LoraConfig(r=4, target_modules=["query", "value"], task_type="QUESTION_ANS"),
+    )
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, VOCAB, (8, LENGTH), generator=generator)
+    starts = torch.randint(0, LENGTH // 2, (8,), generator=generator)
+    rows = [
+        {"input_ids": row, "start_positions": start, "end_positions": start + 2}
+        for row, start in zip(ids, starts, strict=True)
+    ]
+    arguments = _arguments(tmp_path, max_steps=2, save_strategy="no", per_device_eval_batch_size=8)
+    trainer = LorakitTrainer(model=model, args=arguments, train_dataset=rows, eval_dataset=rows)
+    assert trainer.label_names == ["start_positions", "end_positions"]
+    trainer.train()
+    assert len(_losses(trainer)) == 2
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, start_positions=starts, end_positions=starts + 2).loss
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(float(expected), abs=1e-6)

@@ -53,7 +53,24 @@ class LorakitTrainerMixin:
         super().__init__(*args, **kwargs)
         model = self._lorakit_model()
         if model is not None:
+            _inspect_inner_model(self, model)
             _check_label_smoothing(self, model)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """`Trainer`'s rule with a lorakit model: keep the columns the inner model's `forward`
+        names (as `Trainer` does for peft's models), not only those the wrapper names."""
+        import transformers
+
+        trainer: Any = self
+        inherited = super()._set_signature_columns_if_needed  # type: ignore[misc]
+        model = self._lorakit_model()
+        own_rule = inherited.__func__ is transformers.Trainer._set_signature_columns_if_needed
+        if model is None or not own_rule or trainer._signature_columns is not None:
+            inherited()
+            return
+        forward = inspect.signature(model.get_base_model().forward)
+        labels = {"label", "label_ids", *trainer.label_names}
+        trainer._signature_columns = [*forward.parameters, *sorted(labels)]
 
     def _lorakit_model(self) -> PeftModel | None:
         """The lorakit `PeftModel` being trained (unwrapped from accelerate), or None."""
@@ -105,6 +122,17 @@ class LorakitTrainerMixin:
             super()._load_best_model()  # type: ignore[misc]
             return
         load_checkpoint_adapters(model, trainer.state.best_model_checkpoint)
+
+
+def _inspect_inner_model(trainer: Any, model: PeftModel) -> None:
+    """Label names and `can_return_loss` from the inner model's class, as `Trainer` takes
+    them for peft's models (from the wrapper they would be `["labels"]` for every model)."""
+    from transformers.utils import can_return_loss, find_labels
+
+    inner_class = type(model.get_base_model())
+    if trainer.args.label_names is None:
+        trainer.label_names = find_labels(inner_class)
+    trainer.can_return_loss = can_return_loss(inner_class)
 
 
 def _check_label_smoothing(trainer: Any, model: PeftModel) -> None:
