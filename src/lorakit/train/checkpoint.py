@@ -263,7 +263,14 @@ def load_checkpoint(
 
 
 # Fields that must not change when resuming, or the run would not continue the same trajectory.
-RESUME_FIXED_FIELDS = ("batch_size", "gradient_accumulation_steps", "seed", "lr_scheduler")
+# loraplus_lr_ratio sets the optimizer's groups, which the saved optimizer state must match.
+RESUME_FIXED_FIELDS = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "lr_scheduler",
+    "loraplus_lr_ratio",
+)
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

@@ -48,6 +48,9 @@ class TrainConfig:
         warmup_ratio: Warmup length as a fraction of all steps (use this or `warmup_steps`).
         weight_decay: AdamW decoupled weight decay, applied to matrices only (not to biases or
             other 1-D parameters such as norm scales).
+        loraplus_lr_ratio: LoRA+: train the lora_B factors (and 1-D tensors) at this many
+            times `learning_rate` (> 0; the paper uses 2 to 16) and LoRA embedding factors at
+            1e-6, as peft's create_loraplus_optimizer; unset (null): one learning rate.
         max_grad_norm: Clip the global gradient norm to this; null or 0 disables clipping.
         max_length: Truncate inputs to this many tokens.
         seed: Seeds Python, NumPy and torch, the shuffle and dropout.
@@ -75,6 +78,7 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
+    loraplus_lr_ratio: float | None = None
     max_grad_norm: float | None = 1.0
     max_length: int = 512
     seed: int = 0
@@ -113,6 +117,10 @@ class TrainConfig:
         _check_float(self, "warmup_ratio", low=0.0, high=1.0)
         if self.max_grad_norm is not None:
             _check_float(self, "max_grad_norm", low=0.0)
+        if self.loraplus_lr_ratio is not None:
+            _check_float(self, "loraplus_lr_ratio", low=0.0, low_open=True)
+            if self.loraplus_lr_ratio == float("inf"):
+                _fail("loraplus_lr_ratio", self.loraplus_lr_ratio, "a finite number > 0, or null")
         _check_choice(self, "lr_scheduler", SCHEDULERS)
         _check_choice(self, "precision", PRECISIONS)
         _check_choice(self, "strategy", STRATEGIES)
