@@ -85,14 +85,16 @@ def _bf16_layer(dropout: float) -> torch.nn.Module:
 def test_layer_dispatches_mixed_dtypes_to_the_fused_node() -> None:
     layer = _bf16_layer(0.0)
     x = torch.randn(5, 32).to(torch.bfloat16).requires_grad_()
-    assert layer._fused_operands(x, "default") is not None
+    assert layer._fused_operands(x, layer.adapter_slots["default"]) is not None
     out = layer(x)
     assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_FusedLoraLinearBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer._fused_operands(x, "default") is None
-    assert layer._fused_operands(x.float(), "default") is None  # x must come in the base's dtype
+        assert layer._fused_operands(x, layer.adapter_slots["default"]) is None
+    assert (
+        layer._fused_operands(x.float(), layer.adapter_slots["default"]) is None
+    )  # x must come in the base's dtype
     layer.lora_A["default"].to(torch.float16)  # A and B in different dtypes
-    assert layer._fused_operands(x, "default") is None
+    assert layer._fused_operands(x, layer.adapter_slots["default"]) is None
 
 
 def test_a_trained_bf16_base_gets_its_gradients_through_the_fused_node() -> None:

@@ -2,8 +2,13 @@
 
 A wrapper keeps the original module as `base_layer` and never subclasses it, so `unload()`
 hands back the very objects of the base model. Subclasses supply the math of their layer
-type through four methods: `_create_adapter`, `_adapter_pair`, `_add_adapter_output` and
-`get_delta_weight`; merging only reads and writes the base's dense weight.
+type through a few methods: `_create_adapter`, `_adapter_pair`, `_adapter_holders`,
+`_add_slot_output` and `get_delta_weight`; merging only reads and writes the base's dense
+weight.
+
+A forward reads `active_slots`, the acting adapters resolved into `AdapterSlot`s (see
+`layers.routing`), which the layer rebuilds whenever they can change: the routing's active
+adapters are set, an adapter is added, deleted, merged or unmerged, or the layer is moved.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from ..errors import AdapterNameError, MergeError
 from ..ops.lora import lora_scale
 from ..ops.merge import MergeRecord, merge_delta, unmerge_delta
 from .init import InitFunction, initialise
-from .routing import AdapterRouting, RowGroup
+from .routing import AdapterRouting, AdapterSlot, RowGroup
 
 
 def module_weight(module: nn.Module) -> torch.Tensor:
@@ -42,6 +47,9 @@ class LoraLayer(nn.Module):
         self.lora_dropout_p: dict[str, float] = {}
         self.merged_adapters: list[str] = []
         self.merge_records: dict[str, MergeRecord] = {}
+        self.adapter_slots: dict[str, AdapterSlot] = {}
+        self.active_slots: tuple[AdapterSlot, ...] = ()
+        routing.attach(self)
 
     # --- what subclasses provide -------------------------------------------------------
     def _create_adapter(
@@ -56,9 +64,16 @@ class LoraLayer(nn.Module):
     def _remove_adapter_tensors(self, adapter_name: str) -> None:
         raise NotImplementedError
 
-    def _add_adapter_output(
-        self, result: torch.Tensor, x: torch.Tensor, adapter_name: str
+    def _adapter_holders(
+        self, adapter_name: str
+    ) -> tuple[tuple[nn.Module, nn.Module], tuple[str, str]]:
+        """The modules whose `_parameters` hold A and B, and the names they hold them under."""
+        raise NotImplementedError
+
+    def _add_slot_output(
+        self, result: torch.Tensor, x: torch.Tensor, slot: AdapterSlot
     ) -> torch.Tensor:
+        """result + the slot's adapter update for input `x`."""
         raise NotImplementedError
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -129,6 +144,7 @@ class LoraLayer(nn.Module):
         if initialise_weights:
             A, B = self._adapter_pair(adapter_name)
             initialise(self.init_table, A, B, r, init_lora_weights)
+        self.refresh_slots()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove every tensor and record of an adapter from this layer."""
@@ -137,6 +153,36 @@ class LoraLayer(nn.Module):
         self._remove_adapter_tensors(adapter_name)
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p):
             del table[adapter_name]
+        self.refresh_slots()
+
+    @torch.no_grad()
+    def pad_adapter_rank(self, adapter_name: str, target_rank: int) -> None:
+        """Give an adapter rank `target_rank` by zero rows of A and zero columns of B.
+
+        B A, and so the layer's output, is unchanged (the zeros add nothing); the scale stays
+        as it is. A and B become new parameters in their holders (an optimizer holding the
+        old ones must be rebuilt).
+        """
+        r = self.r[adapter_name]
+        assert target_rank >= r, "callers check that no adapter would shrink"
+        (A_holder, B_holder), (A_key, B_key) = self._adapter_holders(adapter_name)
+        for holder, key, dim in ((A_holder, A_key, 0), (B_holder, B_key, 1)):
+            old = holder._parameters[key]
+            assert old is not None
+            shape = list(old.shape)
+            shape[dim] = target_rank
+            padded = old.new_zeros(shape)
+            padded.narrow(dim, 0, r).copy_(old)
+            holder._parameters[key] = nn.Parameter(padded, requires_grad=old.requires_grad)
+        for holder, attributes in (
+            (A_holder, ("out_features", "out_channels")),
+            (B_holder, ("in_features", "in_channels")),
+        ):
+            for attribute in attributes:
+                if isinstance(getattr(holder, attribute, None), int):
+                    setattr(holder, attribute, target_rank)
+        self.r[adapter_name] = target_rank
+        self.refresh_slots()
 
     def set_adapter_trainable(self, adapter_name: str, is_trainable: bool) -> None:
         for tensor in self._adapter_pair(adapter_name):
@@ -146,6 +192,59 @@ class LoraLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.r)
 
+    # --- slots ---------------------------------------------------------------------------
+    def refresh_slots(self) -> None:
+        """Rebuild `adapter_slots` and `active_slots` from the adapters and the routing.
+
+        Called by the routing when its active adapters change and by every method here that
+        changes what a forward must add; `active_slots` are the active adapters this layer
+        holds and has not merged, in the routing's order.
+        """
+        slots = {name: self._new_slot(name, self.adapter_slots.get(name)) for name in self.r}
+        self.adapter_slots = slots
+        self.active_slots = tuple(
+            slots[name]
+            for name in self.routing.active_adapters
+            if name in slots and name not in self.merged_adapters
+        )
+
+    def _new_slot(self, adapter_name: str, old: AdapterSlot | None) -> AdapterSlot:
+        """The slot of an adapter: `old` itself when nothing in it would change."""
+        holders, keys = self._adapter_holders(adapter_name)
+        scale = self.scaling[adapter_name]
+        device = self._adapter_pair(adapter_name)[0].device
+        device = torch.device("cpu") if device.type == "meta" else device
+        p = self.lora_dropout_p[adapter_name]
+        if old is not None:
+            kept = (old.holders, old.keys, old.scale, old.dropout_p, old.scale_tensor.device)
+            if kept == (holders, keys, scale, p, device):
+                return old
+        return AdapterSlot(
+            adapter_name=adapter_name,
+            holders=holders,
+            keys=keys,
+            scale=scale,
+            scale_tensor=torch.tensor(scale, dtype=torch.float32, device=device),
+            dropout_p=p,
+        )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LoraLayer:
+        """`nn.Module._apply` (`.to()`, `.half()`, ...); then the slots follow A's device."""
+        super()._apply(fn, recurse)
+        self.refresh_slots()
+        return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled or deep-copied: attach to the (copied) routing again."""
+        super().__setstate__(state)
+        self.routing.attach(self)
+
+    def _add_adapter_output(
+        self, result: torch.Tensor, x: torch.Tensor, adapter_name: str
+    ) -> torch.Tensor:
+        """result + the named adapter's update for input `x` (the reference path)."""
+        return self._add_slot_output(result, x, self.adapter_slots[adapter_name])
+
     # --- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -154,17 +253,13 @@ class LoraLayer(nn.Module):
             return result
         if routing.row_groups is not None:
             return self._add_row_group_outputs(result, x, routing.row_groups)
-        for adapter_name in self.acting_adapters():
-            result = self._add_adapter_output(result, x, adapter_name)
+        for slot in self.active_slots:
+            result = self._add_slot_output(result, x, slot)
         return result
 
     def acting_adapters(self) -> list[str]:
         """Active adapters this layer holds and has not merged: the ones forward must add."""
-        return [
-            name
-            for name in self.routing.active_adapters
-            if name in self.scaling and name not in self.merged_adapters
-        ]
+        return [slot.adapter_name for slot in self.active_slots]
 
     def _add_row_group_outputs(
         self, result: torch.Tensor, x: torch.Tensor, groups: tuple[RowGroup, ...]
@@ -179,7 +274,8 @@ class LoraLayer(nn.Module):
             if group.adapter_name not in self.scaling:
                 continue
             rows = group.rows
-            updated = self._add_adapter_output(result[rows], x[rows], group.adapter_name)
+            slot = self.adapter_slots[group.adapter_name]
+            updated = self._add_slot_output(result[rows], x[rows], slot)
             result = result.index_copy(0, rows, updated)
         return result
 
@@ -206,6 +302,7 @@ class LoraLayer(nn.Module):
             if record is not None:
                 self.merge_records[adapter_name] = record
             self.merged_adapters.append(adapter_name)
+        self.refresh_slots()
 
     def merged_module(self, adapter_names: list[str], requantize: bool = False) -> nn.Module:
         """Merge adapters for good and return the module that takes this wrapper's place.
@@ -240,3 +337,4 @@ class LoraLayer(nn.Module):
             record = self.merge_records.pop(adapter_name, None)
             unmerge_delta(weight, self.get_delta_weight(adapter_name), record)
             self.merged_adapters.remove(adapter_name)
+        self.refresh_slots()

@@ -8,7 +8,7 @@ from torch import nn
 from ..ops.lora import conv_delta_weight
 from .base import LoraLayer, module_weight
 from .init import LINEAR_INITS
-from .routing import AdapterRouting
+from .routing import AdapterRouting, AdapterSlot
 
 _ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -55,15 +55,21 @@ class LoraConv(LoraLayer):
         del self.lora_A[adapter_name]
         del self.lora_B[adapter_name]
 
-    def _add_adapter_output(
-        self, result: torch.Tensor, x: torch.Tensor, adapter_name: str
+    def _adapter_holders(
+        self, adapter_name: str
+    ) -> tuple[tuple[nn.Module, nn.Module], tuple[str, str]]:
+        return (self.lora_A[adapter_name], self.lora_B[adapter_name]), ("weight", "weight")
+
+    def _add_slot_output(
+        self, result: torch.Tensor, x: torch.Tensor, slot: AdapterSlot
     ) -> torch.Tensor:
-        p = self.lora_dropout_p[adapter_name] if self.training else 0.0
-        x_lora = x.to(self._adapter_pair(adapter_name)[0].dtype)
+        p = slot.dropout_p if self.training else 0.0
+        A_conv, B_conv = slot.holders
+        x_lora = x.to(slot.pair()[0].dtype)
         if p > 0:
             x_lora = nn.functional.dropout(x_lora, p, training=True)
-        update = self.lora_B[adapter_name](self.lora_A[adapter_name](x_lora))
-        return result + (update * self.scaling[adapter_name]).to(result.dtype)
+        update = B_conv(A_conv(x_lora))
+        return result + (update * slot.forward_scale()).to(result.dtype)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self._adapter_pair(adapter_name)

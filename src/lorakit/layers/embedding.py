@@ -10,7 +10,7 @@ from torch import nn
 from ..ops.lora import add_lora_embedding, delta_weight
 from .base import LoraLayer
 from .init import EMBEDDING_INITS
-from .routing import AdapterRouting
+from .routing import AdapterRouting, AdapterSlot
 
 
 class LoraEmbedding(LoraLayer):
@@ -46,11 +46,17 @@ class LoraEmbedding(LoraLayer):
         del self.lora_embedding_A[adapter_name]
         del self.lora_embedding_B[adapter_name]
 
-    def _add_adapter_output(
-        self, result: torch.Tensor, x: torch.Tensor, adapter_name: str
+    def _adapter_holders(
+        self, adapter_name: str
+    ) -> tuple[tuple[nn.Module, nn.Module], tuple[str, str]]:
+        # PEFT's keys put the tables straight in ParameterDicts, keyed by adapter name.
+        return (self.lora_embedding_A, self.lora_embedding_B), (adapter_name, adapter_name)
+
+    def _add_slot_output(
+        self, result: torch.Tensor, x: torch.Tensor, slot: AdapterSlot
     ) -> torch.Tensor:
-        A, B = self._adapter_pair(adapter_name)
-        return add_lora_embedding(result, x, A, B, self.scaling[adapter_name])
+        A, B = slot.pair()
+        return add_lora_embedding(result, x, A, B, slot.forward_scale())
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self._adapter_pair(adapter_name)

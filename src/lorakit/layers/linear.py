@@ -10,7 +10,7 @@ from torch import nn
 from ..ops.lora import add_lora_linear, delta_weight, lora_linear
 from .base import LoraLayer, module_weight
 from .init import LINEAR_INITS
-from .routing import AdapterRouting
+from .routing import AdapterRouting, AdapterSlot
 
 
 def branch_dtype_fits(base_dtype: torch.dtype, A_dtype: torch.dtype, B_dtype: torch.dtype) -> bool:
@@ -67,26 +67,31 @@ class LoraLinear(LoraLayer):
         del self.lora_A[adapter_name]
         del self.lora_B[adapter_name]
 
+    def _adapter_holders(
+        self, adapter_name: str
+    ) -> tuple[tuple[nn.Module, nn.Module], tuple[str, str]]:
+        return (self.lora_A[adapter_name], self.lora_B[adapter_name]), ("weight", "weight")
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         routing = self.routing
         if routing.is_disabled or routing.row_groups is not None or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        acting = self.acting_adapters()
-        if not acting:  # merged or absent: the base alone, no added work
+        slots = self.active_slots
+        if not slots:  # merged or absent: the base alone, no added work
             result: torch.Tensor = self.base_layer(x)
             return result
-        operands = self._fused_operands(x, acting[0]) if len(acting) == 1 else None
+        operands = self._fused_operands(x, slots[0]) if len(slots) == 1 else None
         if operands is not None:
             W, bias, A, B = operands
-            p = self.lora_dropout_p[acting[0]] if self.training else 0.0
-            scale = self.scaling[acting[0]]
+            p = slots[0].dropout_p if self.training else 0.0
+            scale = slots[0].forward_scale()
             return lora_linear(x, W, bias, A, B, scale, p, routing.shared_dropout)
         result = self.base_layer(x)
-        for adapter_name in acting:
-            result = self._add_adapter_output(result, x, adapter_name)
+        for slot in slots:
+            result = self._add_slot_output(result, x, slot)
         return result
 
-    def _fused_operands(self, x: torch.Tensor, adapter_name: str) -> FusedOperands | None:
+    def _fused_operands(self, x: torch.Tensor, slot: AdapterSlot) -> FusedOperands | None:
         """(W, bias, A, B) when the fused path (owning the base matmul) may run, else None.
 
         It needs an exact `nn.Linear` without hooks, no autocast, x in the base's dtype, and
@@ -100,20 +105,19 @@ class LoraLinear(LoraLayer):
         if torch.is_autocast_enabled(x.device.type):  # autocast decides dtypes per op
             return None
         W, bias = base._parameters["weight"], base._parameters["bias"]
-        A = self._modules["lora_A"]._modules[adapter_name]._parameters["weight"]  # type: ignore[union-attr]
-        B = self._modules["lora_B"]._modules[adapter_name]._parameters["weight"]  # type: ignore[union-attr]
-        assert W is not None and A is not None and B is not None
+        A, B = slot.pair()
+        assert W is not None
         if x.dtype != W.dtype or (bias is not None and bias.dtype != W.dtype):
             return None
         return (W, bias, A, B) if branch_dtype_fits(W.dtype, A.dtype, B.dtype) else None
 
-    def _add_adapter_output(
-        self, result: torch.Tensor, x: torch.Tensor, adapter_name: str
+    def _add_slot_output(
+        self, result: torch.Tensor, x: torch.Tensor, slot: AdapterSlot
     ) -> torch.Tensor:
-        A, B = self._adapter_pair(adapter_name)
-        p = self.lora_dropout_p[adapter_name] if self.training else 0.0
+        A, B = slot.pair()
+        p = slot.dropout_p if self.training else 0.0
         shared = self.routing.shared_dropout
-        return add_lora_linear(result, x, A, B, self.scaling[adapter_name], p, shared)
+        return add_lora_linear(result, x, A, B, slot.forward_scale(), p, shared)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self._adapter_pair(adapter_name)

@@ -3,6 +3,10 @@
 Shapes: x (..., in) viewed as (N, in); A (r, in), B (out, r); u = drop(x) A^T (N, r);
 y (..., out). Dropout is inverted: kept inputs are scaled by 1 / (1 - p), which is folded
 into the scalar c = s / (1 - p) applied to the (N, r) side, never to a full-size tensor.
+
+The scale is a Python number in eager forwards (a matmul's `alpha`) or a 0-dim tensor under
+`torch.compile` (a graph input, so another adapter's scale needs no new graph), which then
+multiplies u (N, r) instead.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from .dropout import DropoutDraw, SharedDropout, new_draw, rebuild
 # add_base_grad(g, branch_grad) -> g W + branch_grad: the layer's whole input-gradient, made
 # by the node that owns the base matmul (in place into branch_grad where the dtypes agree).
 AddBaseGrad = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# s or c: a number, or a 0-dim tensor (compiled forwards).
+Scale = float | torch.Tensor
 
 
 def lora_scale(lora_alpha: float, r: int, use_rslora: bool) -> float:
@@ -34,6 +40,14 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor
     """ΔW = s · B A, shape (out, in), computed in the adapter dtype or fp32 if that is half."""
     A, B = _at_least_fp32(A, B)
     return (B @ A) * scale
+
+
+def scaled_thin_side(u: torch.Tensor, c: Scale) -> tuple[torch.Tensor, float]:
+    """(u', alpha) with alpha · u' = c · u: a number c stays the matmul's alpha; a tensor c
+    is multiplied into u (N, r), the small side."""
+    if isinstance(c, torch.Tensor):
+        return u * c, 1.0
+    return u, c
 
 
 def draw_for(x: torch.Tensor, p: float, shared: SharedDropout | None) -> DropoutDraw | None:
@@ -62,7 +76,7 @@ class _LoraUpdate(torch.autograd.Function):
         x: torch.Tensor,
         A: torch.Tensor,
         B: torch.Tensor,
-        scale: float,
+        scale: Scale,
         p: float,
         draw: DropoutDraw | None,
         shared: SharedDropout | None,
@@ -70,7 +84,8 @@ class _LoraUpdate(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         u = (x2 if draw is None else draw.x_kept) @ A.t()  # (N, r)
         c = scale / (1.0 - p)
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), u, B.t(), alpha=c)  # (N, out)
+        cu, alpha = scaled_thin_side(u, c)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), cu, B.t(), alpha=alpha)  # (N, out)
         save_lora_context(ctx, x, A, B, u, draw, c, shared)
         return out.view(result.shape)
 
@@ -103,7 +118,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         bias: torch.Tensor | None,
         A: torch.Tensor,
         B: torch.Tensor,
-        scale: float,
+        scale: Scale,
         p: float,
         draw: DropoutDraw | None,
         shared: SharedDropout | None,
@@ -142,7 +157,7 @@ def save_lora_context(
     B: torch.Tensor,
     u: torch.Tensor,
     draw: DropoutDraw | None,
-    c: float,
+    c: Scale,
     shared: SharedDropout | None,
     W: torch.Tensor | None = None,
 ) -> None:
@@ -194,7 +209,7 @@ def add_branch(
     x2: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
-    c: float,
+    c: Scale,
     draw: DropoutDraw | None,
 ) -> torch.Tensor:
     """Add c · x_kept Aᵀ Bᵀ into the base output `out` (N, out) in place; return u = x_kept Aᵀ.
@@ -207,10 +222,11 @@ def add_branch(
     if kept.dtype != A.dtype:
         kept = kept.to(A.dtype)
     u = kept @ A.t()  # (N, r)
+    cu, alpha = scaled_thin_side(u, c)
     if out.dtype == u.dtype:
-        out.addmm_(u, B.t(), alpha=c)
+        out.addmm_(cu, B.t(), alpha=alpha)
     else:
-        out.add_(u @ B.t(), alpha=c)
+        out.add_(cu @ B.t(), alpha=alpha)
     return u
 
 
@@ -220,7 +236,7 @@ def dense_lora_forward(
     bias: torch.Tensor | None,
     A: torch.Tensor,
     B: torch.Tensor,
-    c: float,
+    c: Scale,
     draw: DropoutDraw | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (x Wᵀ + b + c u Bᵀ in W's dtype, u) with u = x_kept Aᵀ in A's dtype."""
@@ -239,7 +255,7 @@ def add_lora_linear(
     x: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
-    scale: float,
+    scale: Scale,
     dropout_p: float = 0.0,
     shared: SharedDropout | None = None,
 ) -> torch.Tensor:
@@ -257,11 +273,12 @@ def add_lora_linear(
         return out
     x2 = x.reshape(-1, x.shape[-1])
     u = (x2 if draw is None else draw.x_kept) @ A.t()  # (N, r)
-    c = scale / (1.0 - dropout_p)
+    u, alpha = scaled_thin_side(u, scale / (1.0 - dropout_p))
     if result.is_contiguous():  # no autograd here, so writing into the base output is safe
-        result.view(-1, result.shape[-1]).addmm_(u, B.t(), alpha=c)
+        result.view(-1, result.shape[-1]).addmm_(u, B.t(), alpha=alpha)
         return result
-    return torch.addmm(result.reshape(-1, result.shape[-1]), u, B.t(), alpha=c).view(result.shape)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), u, B.t(), alpha=alpha)
+    return out.view(result.shape)
 
 
 def lora_linear(
@@ -270,7 +287,7 @@ def lora_linear(
     bias: torch.Tensor | None,
     A: torch.Tensor,
     B: torch.Tensor,
-    scale: float,
+    scale: Scale,
     dropout_p: float = 0.0,
     shared: SharedDropout | None = None,
 ) -> torch.Tensor:
@@ -291,20 +308,20 @@ def _add_lora_linear_reference(
     x: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
-    scale: float,
+    scale: Scale,
     dropout_p: float,
 ) -> torch.Tensor:
     """Plain-autograd form for mixed dtypes: branch in the adapter dtype, cast back once."""
     x_lora = x.to(A.dtype)
     if dropout_p > 0:
         x_lora = torch.nn.functional.dropout(x_lora, dropout_p, training=True)
-    update = (x_lora @ A.t()) @ B.t()
+    update, alpha = scaled_thin_side(x_lora @ A.t(), scale)  # (N, r)
     # Sum in the wider dtype of the two, then round into the base output's dtype once.
-    return torch.add(result, update, alpha=scale).to(result.dtype)
+    return torch.add(result, update @ B.t(), alpha=alpha).to(result.dtype)
 
 
 def add_lora_embedding(
-    result: torch.Tensor, indices: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+    result: torch.Tensor, indices: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: Scale
 ) -> torch.Tensor:
     """Return result + s · A^T[indices] B^T.
 
