@@ -28,7 +28,11 @@ from .task_models import (
     PeftModelForTokenClassification,
 )
 from .training_prep import cast_mixed_precision_params, prepare_model_for_kbit_training
-from .utils import hotswap_adapter
+from .utils import (
+    hotswap_adapter,
+    prepare_model_for_compiled_hotswap,
+    replace_lora_weights_loftq,
+)
 
 __version__ = "0.1.0"
 
@@ -62,6 +66,8 @@ __all__ = [
     "hotswap_adapter",
     "inject_adapter_in_model",
     "load_peft_weights",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
+    "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
 ]

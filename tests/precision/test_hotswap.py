@@ -153,8 +153,23 @@ def test_other_ranks_are_refused_and_the_model_is_untouched(tmp_path: Path) -> N
     assert "model.layers.0.self_attn.q_proj: 4 vs 8" in message
     assert "v_proj" not in message  # its rank matches: only the mismatches are listed
     assert "load_adapter" in message and "Nothing was changed" in message
+    assert "prepare_model_for_compiled_hotswap(model, target_rank=<highest rank>)" in message
     _assert_unchanged(model, before)
     assert model.peft_config == config_before
+
+
+def test_a_lower_rank_is_padded_with_zeros(tmp_path: Path) -> None:
+    first = _save(tmp_path / "a", seed=1, r=8)
+    second = _save(tmp_path / "b", seed=2, lora_alpha=32, rank_pattern={"v_proj": 2})
+    model = _fresh(first)
+    hotswap_adapter(model, second, "default")
+    assert (logits(model) - logits(_fresh(second))).abs().max() <= FOLDED_SCALE_TOL
+    for name, layer in model.named_modules():
+        if isinstance(layer, lorakit.layers.LoraLayer):
+            A, B = layer._adapter_pair("default")
+            rank = 2 if name.endswith("v_proj") else 4
+            assert A.shape[0] == B.shape[1] == layer.r["default"] == 8
+            assert not A[rank:].any() and not B[:, rank:].any()  # the padding is zeros
 
 
 def test_other_target_modules_are_refused_and_listed(tmp_path: Path) -> None:

@@ -8,6 +8,11 @@ it is: where the file's config gives another scale s_new (another `lora_alpha`, 
 `alpha_pattern`), B is stored as B · s_new / s_old, rounded once from float64, so the layer
 computes s_old · B' A = s_new · B A as a fresh load would, to one rounding of B.
 
+A file of a lower rank than the adapter's is padded with zeros (rows of A, columns of B),
+which adds nothing to B A: so after `prepare_model_for_compiled_hotswap(model,
+target_rank=...)` has padded the loaded adapter to the highest rank to come, adapters of any
+rank up to it swap in without recompiling.
+
 The adapter keeps its config (`peft_config[adapter_name]`, dropout, trainability); its
 weights and config together describe the new adapter, so `save_pretrained` writes an
 equivalent file.
@@ -27,7 +32,7 @@ from ..errors import HotswapError
 from ..inject import iter_wrappers
 from ..inject.matching import pattern_value
 from ..io import find_mismatches, load_adapter_files
-from ..io.keys import ADAPTER_CONTAINERS
+from ..io.keys import ADAPTER_CONTAINERS, display_name
 from ..layers.base import LoraLayer
 from ..layers.modules_to_save import ModulesToSaveWrapper
 from ..model import PeftModel
@@ -69,7 +74,8 @@ def hotswap_adapter(
 ) -> None:
     """Replace the weights of an existing adapter with a saved adapter's, in place.
 
-    The file must adapt the same modules with the same ranks. Everything is checked before
+    The file must adapt the same modules with ranks no higher than the adapter's (lower
+    ranks are padded with zeros). Everything is checked before
     any tensor is written, so on an error the model is unchanged. Under `torch.compile` the
     compiled graphs stay valid: no recompilation follows (see the module docstring for how a
     different `lora_alpha` is handled).
@@ -84,8 +90,9 @@ def hotswap_adapter(
     Raises:
         TypeError: `model` is not a `PeftModel`.
         AdapterNameError: `adapter_name` does not exist.
-        HotswapError: The file adapts other modules, with other ranks, holds base-model
-            tensors, or the adapter is merged or not yet loaded; use `load_adapter` instead.
+        HotswapError: The file adapts other modules, with higher ranks, holds base-model
+            tensors, or the adapter is merged or not yet loaded; use `load_adapter` instead
+            (or `prepare_model_for_compiled_hotswap` for higher ranks).
         AdapterFileError: The folder or its files are missing or unreadable.
     """
     peft_model = _unwrap_compiled(model)
@@ -96,7 +103,9 @@ def hotswap_adapter(
     config = LoraConfig.from_dict(config_dict)
     state = peft_model.state_dict(keep_vars=True)
     problems = _Problems()
-    mapped, ratios = _plan(peft_model, adapter_name, tensors, config, state, problems)
+    ratios, file_ranks = _scale_ratios(peft_model, adapter_name, config, problems)
+    tensors = _padded(tensors, file_ranks)
+    mapped = _plan(peft_model, adapter_name, tensors, state, problems)
     if problems.lines(adapter_name):
         raise HotswapError(_message(problems, adapter_name, model_name_or_path))
     values = _prepared_values(mapped, state, ratios)
@@ -137,46 +146,73 @@ def _plan(
     model: PeftModel,
     adapter_name: str,
     tensors: Mapping[str, torch.Tensor],
-    config: LoraConfig,
     state: Mapping[str, torch.Tensor],
     problems: _Problems,
-) -> tuple[dict[str, torch.Tensor], dict[int, float]]:
-    """(model key -> file tensor, s_new / s_old by id of B); fills `problems`, writes nothing."""
+) -> dict[str, torch.Tensor]:
+    """model key -> file tensor (ranks already padded); fills `problems`, writes nothing."""
     mapped, mismatch = find_mismatches(tensors, adapter_name, state)
     problems.file_only += _modules(mismatch.unexpected)
     problems.model_only += _modules(mismatch.missing)
-    ratios = _scale_ratios(model, adapter_name, config, problems)
     ranked = {line.partition(":")[0] for line in problems.ranks}
     problems.shapes += [s.describe() for s in mismatch.shapes if _module(s.name) not in ranked]
+    # Layers the file does not adapt are reported as such, not by the config's rank or scale.
+    unadapted = set(problems.model_only)
+    problems.ranks = [line for line in problems.ranks if _head(line) not in unadapted]
+    problems.scales = [line for line in problems.scales if _head(line) not in unadapted]
     own = _adapter_tensor_ids(model, adapter_name)
     problems.base_tensors += [key for key in mapped if id(state[key]) not in own]
-    return mapped, ratios
+    return mapped
 
 
 def _scale_ratios(
     model: PeftModel, adapter_name: str, config: LoraConfig, problems: _Problems
-) -> dict[int, float]:
-    """s_new / s_old per layer, keyed by id of the layer's B; records rank problems.
-
-    Layers the file does not adapt (already in `problems.model_only`) are skipped.
-    """
+) -> tuple[dict[int, float], dict[str, tuple[int, int]]]:
+    """(s_new / s_old per layer keyed by id of the layer's B, module -> (file rank, rank
+    here) where the file's is lower); records rank and scale problems."""
     ratios: dict[int, float] = {}
+    lower_ranks: dict[str, tuple[int, int]] = {}
     for key, layer in iter_wrappers(model.get_base_model()):
         if not isinstance(layer, LoraLayer) or adapter_name not in layer.r:
             continue
-        if key in problems.model_only:
-            continue
         r = int(pattern_value(config.rank_pattern, key, config.r))
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
-        if r != layer.r[adapter_name]:
+        if r > layer.r[adapter_name]:
             problems.ranks.append(f"{key}: {layer.r[adapter_name]} vs {r}")
             continue
+        if r < layer.r[adapter_name]:
+            lower_ranks[key] = (r, layer.r[adapter_name])
         old, new = layer.scaling[adapter_name], lora_scale(alpha, r, config.use_rslora)
         if old == 0 and new != 0:
             problems.scales.append(f"{key}: scale 0 here (lora_alpha=0), {new:g} in the file")
             continue
         ratios[id(layer._adapter_pair(adapter_name)[1])] = 1.0 if old == new else new / old
-    return ratios
+    return ratios, lower_ranks
+
+
+def _padded(
+    tensors: Mapping[str, torch.Tensor], lower_ranks: Mapping[str, tuple[int, int]]
+) -> dict[str, torch.Tensor]:
+    """The file's tensors, those of a lower rank padded with zeros to the rank here.
+
+    A (r, ...) gets zero rows and B (out, r, ...) zero columns; a tensor whose rank axis is
+    not the file's rank is left for the shape check to report.
+    """
+    padded = dict(tensors)
+    for file_key, tensor in tensors.items():
+        name = display_name(file_key)
+        module, _, container = name.rpartition(".")
+        if module not in lower_ranks or container not in ADAPTER_CONTAINERS:
+            continue
+        file_rank, rank = lower_ranks[module]
+        dim = 0 if container.endswith("A") else 1
+        if tensor.dim() < 2 or tensor.shape[dim] != file_rank:
+            continue
+        shape = list(tensor.shape)
+        shape[dim] = rank
+        value = tensor.new_zeros(shape)
+        value.narrow(dim, 0, file_rank).copy_(tensor)
+        padded[file_key] = value
+    return padded
 
 
 def _adapter_tensor_ids(model: PeftModel, adapter_name: str) -> set[int]:
@@ -208,6 +244,11 @@ def _prepared_values(
     return values
 
 
+def _head(line: str) -> str:
+    """The module path a problem line starts with (`path: details`)."""
+    return line.partition(":")[0]
+
+
 def _module(name: str) -> str:
     """`a.b.q_proj` for `a.b.q_proj.lora_A` (a display name of an adapter tensor)."""
     head, _, last = name.rpartition(".")
@@ -228,10 +269,12 @@ def _message(problems: _Problems, adapter_name: str, source: PathLike) -> str:
     lines = [
         f"Cannot hotswap {source} into adapter {adapter_name!r}: hotswapping overwrites the "
         "adapter's tensors in place, so the file must adapt the same modules with the same "
-        "ranks. Nothing was changed. Found:",
+        "ranks or lower. Nothing was changed. Found:",
         *problems.lines(adapter_name),
         f"Fix: load it as a new adapter with model.load_adapter({str(source)!r}, "
         "adapter_name='<new name>') and model.set_adapter('<new name>') (under torch.compile "
-        "this compiles one more graph).",
+        "this compiles one more graph); for higher ranks, call "
+        "lorakit.prepare_model_for_compiled_hotswap(model, target_rank=<highest rank>) "
+        "before compiling.",
     ]
     return "\n".join(lines)
