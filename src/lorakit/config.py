@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeAlias
@@ -18,7 +19,8 @@ from .errors import ConfigError
 
 BiasMode = Literal["none", "all", "lora_only"]
 BIAS_MODES: tuple[str, ...] = ("none", "all", "lora_only")
-INIT_NAMES: tuple[str, ...] = ("gaussian", "loftq")
+INIT_NAMES: tuple[str, ...] = ("gaussian", "loftq", "pissa", "olora", "orthogonal")
+PISSA_NITER_PATTERN = re.compile(r"pissa_niter_(\d+)")  # randomized SVD, N subspace iterations
 PEFT_TYPE = "LORA"
 
 
@@ -90,7 +92,16 @@ class LoraConfig(ConfigFilesMixin):
         alpha_pattern: Per-module lora_alpha overrides; keys are names or regexes.
         init_lora_weights: True: Kaiming-uniform A and zero B (the model starts unchanged);
             "gaussian": normal A (std 1/r), zero B; False: random A and B (tests only);
-            "loftq": LoftQ (needs `loftq_config`).
+            "loftq": LoftQ (needs `loftq_config`); "pissa": A and B from the top-r singular
+            triplets of W, and W replaced by the residual W - s·B·A (the model starts
+            unchanged); "pissa_niter_N": the same from a randomized SVD with N subspace
+            iterations (`torch.svd_lowrank`; faster, approximate); "olora": A and B from W's
+            QR decomposition, W replaced by its residual; "orthogonal": A and B built on
+            orthogonal halves of a random orthogonal matrix (B·A = 0; even r). These four apply
+            to nn.Linear and Conv1D layers. A saved file with them loads as the plain LoRA it
+            holds: the base is not changed on load; `save_pretrained(...,
+            path_initial_model_for_weight_conversion=...)` writes a PiSSA/OLoRA adapter as a
+            rank-2r LoRA for the original base.
         fan_in_fan_out: The base stores its weight as (in, out), as transformers' Conv1D.
             Each layer's own type decides this, as in PEFT: a value that contradicts a newly
             wrapped layer (True on nn.Linear, False on Conv1D) is corrected with a warning,
@@ -115,7 +126,7 @@ class LoraConfig(ConfigFilesMixin):
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    init_lora_weights: bool | Literal["gaussian", "loftq"] = True
+    init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
     task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None
@@ -154,10 +165,19 @@ class LoraConfig(ConfigFilesMixin):
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias={self.bias!r}: allowed values are {list(BIAS_MODES)}.")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in INIT_NAMES):
+        is_pissa_niter = isinstance(init, str) and PISSA_NITER_PATTERN.fullmatch(init) is not None
+        if not (isinstance(init, bool) or init in INIT_NAMES or is_pissa_niter):
             raise ConfigError(
-                f"init_lora_weights={self.init_lora_weights!r}: allowed values are "
-                "True, False, 'gaussian', 'loftq'."
+                f"init_lora_weights={self.init_lora_weights!r}: allowed values are True, False, "
+                "'gaussian', 'loftq', 'pissa', 'pissa_niter_<N>' (N an int, e.g. "
+                "'pissa_niter_4'), 'olora', 'orthogonal'."
+            )
+        if init == "orthogonal" and any(
+            isinstance(rank, int) and rank % 2 for rank in (self.r, *self.rank_pattern.values())
+        ):
+            raise ConfigError(
+                f"init_lora_weights='orthogonal' needs even ranks; got r={self.r!r}, "
+                f"rank_pattern={self.rank_pattern!r}. Fix: use even values."
             )
         if self.init_lora_weights == "loftq" and not isinstance(self.loftq_config, LoftQConfig):
             raise ConfigError(

@@ -26,8 +26,10 @@ from .inject import (
     unwrap_model,
     wrapped_module,
 )
+from .inject.layer_init import apply_layer_init_injection
 from .inject.trainable import refresh_trainable
 from .layers.base import LoraLayer
+from .layers.init import layer_init_name
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .layers.routing import AdapterRouting, batch_size_of, row_groups_for
 from .lora_model import LoraModel
@@ -159,7 +161,10 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
 
         With `init_lora_weights="loftq"` (and weights to initialise) the targeted
         full-precision linear layers become 4-bit `QuantLinear`s and the adapter starts at
-        the LoftQ factors; see `lorakit.quant.loftq`.
+        the LoftQ factors; see `lorakit.quant.loftq`. With "pissa", "pissa_niter_N", "olora"
+        or "orthogonal" each adapter is set from its layer (`inject.layer_init`); PiSSA and
+        OLoRA also replace the base weights by their residuals. Without weights to initialise
+        (a load) the adapter is plain LoRA and the base is left as it is.
 
         `peft_config` may be a lorakit `LoraConfig`, a `peft.LoraConfig` or a dict of its
         fields; a field of a PEFT feature lorakit does not implement raises `ConfigError`
@@ -183,6 +188,10 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
             from .inject.loftq import apply_loftq_injection  # imports lorakit.quant
 
             apply_loftq_injection(
+                model, plan, config, adapter_name, self.routing, autocast_adapter_dtype
+            )
+        elif layer_init_name(config.init_lora_weights) and init_weights and not low_cpu_mem_usage:
+            apply_layer_init_injection(
                 model, plan, config, adapter_name, self.routing, autocast_adapter_dtype
             )
         else:

@@ -17,8 +17,9 @@ from .config import ConfigSource, LoraConfig
 from .constants import DEFAULT_ADAPTER_NAME
 from .errors import UnsupportedOptionError
 from .hub import DEFAULT_MAX_SHARD_SIZE, push_adapters, resolve_adapter_folder
-from .io import read_adapter_config
+from .io import read_adapter_config, save_adapters_together
 from .keywords import check_load_keywords, check_save_keywords, split_hub_options
+from .mutated_init import converted_contents
 from .persistence import config_from_file, load_adapter_into, save_adapters
 
 if TYPE_CHECKING:
@@ -53,23 +54,36 @@ class AdapterFilesMixin:
         keyword, passed by `transformers.Trainer` and FSDP training) is read instead of the
         model's own `state_dict()`: full tensors of a sharded model.
 
+        `path_initial_model_for_weight_conversion` (PEFT's) names the folder where the
+        adapter was saved right after `get_peft_model`, before training, for a "pissa",
+        "pissa_niter_N" or "olora" adapter: the adapter is then written as a plain rank-2r
+        LoRA for the ORIGINAL base (A' = [A ; A0], B' = [B | -B0], r and lora_alpha doubled,
+        `init_lora_weights=True`), and that folder's config gets `init_lora_weights=True`, as
+        PEFT does (`lorakit.mutated_init`).
+
         Raises:
-            UnsupportedOptionError: `path_initial_model_for_weight_conversion` is given
-                (PiSSA/OLoRA/CorDA conversion: those inits are not implemented), or another
-                keyword is.
+            UnsupportedOptionError: a keyword lorakit does not implement; with
+                `path_initial_model_for_weight_conversion`, more than one adapter selected or
+                an adapter whose init did not change the base.
+            ConfigError: that conversion asked of an rsLoRA adapter with rank/alpha patterns.
+            AdapterMismatchError: the initial folder does not hold this adapter's A and B.
         """
         check_save_keywords(kwargs)
-        if path_initial_model_for_weight_conversion is not None:
-            raise UnsupportedOptionError(
-                "save_pretrained(path_initial_model_for_weight_conversion="
-                f"{path_initial_model_for_weight_conversion!r}): the conversion of PiSSA, OLoRA "
-                "and CorDA adapters is not implemented, nor are those inits. Fix: remove it."
-            )
         model = cast("PeftModel", self)
         model._check_exist(
             list(model.peft_config if selected_adapters is None else selected_adapters)
         )
         if not is_main_process:
+            return
+        if path_initial_model_for_weight_conversion is not None:
+            contents = converted_contents(
+                model,
+                path_initial_model_for_weight_conversion,
+                selected_adapters,
+                save_embedding_layers,
+                state_dict,
+            )
+            save_adapters_together(save_directory, contents, safe_serialization=safe_serialization)
             return
         save_adapters(
             model,

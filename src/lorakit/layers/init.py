@@ -3,17 +3,27 @@
 A is (r, in, *kernel) and B is (out, r, *1) for linear and conv layers. Embedding adapters
 store A (r, num_embeddings) and B (dim, r) and start the other way round (A zero, B normal)
 because their A acts as a lookup table.
+
+Inits that read the base weight ("pissa", "pissa_niter_N", "olora") or the layer's sizes
+("orthogonal") are a second table, `LAYER_INITS`, applied by `initialise_from_layer` once
+the adapter exists (to `torch.nn.Linear` and transformers' `Conv1D` bases only, as in PEFT).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..ops.init_svd import olora_factors, orthogonal_factors, pissa_factors
+
+if TYPE_CHECKING:
+    from .linear import LoraLinear
 
 InitFunction = Callable[[torch.Tensor, torch.Tensor, int], None]
 
@@ -70,3 +80,72 @@ def initialise(
             "layers, which it replaces by 4-bit QuantLinear (see lorakit.quant.loftq)."
         )
     function(A, B, r)
+
+
+# (W (out, in), r, scale, option) -> (A, B, residual base weight or None when W is unchanged)
+LayerInitFunction = Callable[
+    [torch.Tensor, int, float, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+]
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def _pissa(
+    W: torch.Tensor, r: int, scale: float, option: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    match = PISSA_NITER.fullmatch(option)
+    return pissa_factors(W, r, scale, niter=int(match.group(1)) if match else None)
+
+
+def _olora(
+    W: torch.Tensor, r: int, scale: float, option: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return olora_factors(W, r, scale)
+
+
+def _orthogonal(
+    W: torch.Tensor, r: int, scale: float, option: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    out_features, in_features = W.shape
+    A, B = orthogonal_factors(in_features, out_features, r)
+    return A, B, None
+
+
+LAYER_INITS: dict[str, LayerInitFunction] = {
+    "pissa": _pissa,
+    "olora": _olora,
+    "orthogonal": _orthogonal,
+}
+# The layer inits that replace the base weight by a residual.
+BASE_CHANGING_INITS: frozenset[str] = frozenset({"pissa", "olora"})
+
+
+def layer_init_name(option: object) -> str | None:
+    """The `LAYER_INITS` key of an `init_lora_weights` value ("pissa_niter_4" -> "pissa"),
+    or None for the inits of the A/B tables."""
+    if not isinstance(option, str):
+        return None
+    name = "pissa" if PISSA_NITER.fullmatch(option) else option
+    return name if name in LAYER_INITS else None
+
+
+@torch.no_grad()
+def initialise_from_layer(layer: LoraLinear, adapter_name: str, option: str) -> None:
+    """Set an existing adapter's A and B from its layer (and replace the base weight by the
+    residual for PiSSA and OLoRA, so the layer's output is unchanged).
+
+    The base weight is read as (out, in) (transposed for `fan_in_fan_out`), the factors
+    computed in float32 or float64 (`ops.init_svd`), then copied into the adapter's dtype
+    and the residual into the base weight's dtype, in place.
+    """
+    name = layer_init_name(option)
+    assert name is not None, "callers pass a LAYER_INITS option"
+    weight = layer.base_weight()
+    dense = weight.t() if layer.fan_in_fan_out else weight
+    A, B, residual = LAYER_INITS[name](
+        dense, layer.r[adapter_name], layer.scaling[adapter_name], option
+    )
+    adapter_A, adapter_B = layer._adapter_pair(adapter_name)
+    adapter_A.copy_(A)
+    adapter_B.copy_(B)
+    if residual is not None:
+        weight.copy_(residual.t() if layer.fan_in_fan_out else residual)
