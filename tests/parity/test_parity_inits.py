@@ -270,3 +270,44 @@ def test_conversion_refuses_an_adapter_whose_base_did_not_change(tmp_path: Path)
             tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "initial")
         )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "orthogonal"])
+def test_a_4bit_base_is_refused_before_anything_changes(init: str) -> None:
+    from lorakit.quant import QuantConfig, QuantLinear
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    base[0] = QuantLinear.from_linear(base[0], QuantConfig())
+    before = copy.deepcopy(base.state_dict())
+    with pytest.raises(UnsupportedModuleError, match=rf"'{init}'.*QuantLinear"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=["0"], init_lora_weights=init))
+    assert not any(isinstance(module, LoraLayer) for module in base.modules())
+    assert all(torch.equal(before[key], value) for key, value in base.state_dict().items())
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_merge_unmerge_and_unload_after_a_base_changing_init(init: str) -> None:
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS, init_lora_weights=init)
+    )
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.mul_(1.5)  # move off the init: the output now differs from the base
+    adapted = _logits(model)
+    assert not torch.allclose(adapted, _logits(tiny_llama()), atol=1e-3)
+    residuals = {
+        key: value.clone() for key, value in model.state_dict().items() if "base_layer" in key
+    }
+    model.merge_adapter()
+    assert torch.allclose(_logits(model), adapted, atol=RESTORED_TOL, rtol=0)
+    model.unmerge_adapter()
+    for key, value in residuals.items():
+        assert torch.allclose(model.state_dict()[key], value, atol=STATE_TOL, rtol=0), key
+    # unload gives back the base as the init left it: the residual weights
+    unloaded = model.unload()
+    q_weight = unloaded.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(
+        q_weight, residuals["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
+    )
