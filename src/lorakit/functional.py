@@ -23,10 +23,12 @@ from .constants import DEFAULT_ADAPTER_NAME
 from .errors import AdapterNameError, AdapterStateError
 from .hub import resolve_adapter_folder
 from .inject import apply_injection, iter_wrappers, plan_injection
+from .inject.layer_init import apply_layer_init_injection
 from .inject.trainable import refresh_trainable
 from .io import AdapterMismatch, AdapterMismatchError, find_mismatches, load_adapter_files
 from .io.keys import describe_mismatch, display_name, lora_module_paths, remap_keys
 from .keywords import check_load_keywords, split_hub_options
+from .layers.init import layer_init_name
 from .layers.routing import AdapterRouting
 from .model import PeftModel
 from .persistence import MODEL_PREFIX, _load_tensor, adapter_tensors_of
@@ -83,7 +85,12 @@ def inject_adapter_in_model(
     routing = _routing_of(model) or AdapterRouting(active_adapters=(adapter_name,))
     if not configs:
         model.requires_grad_(False)
-    apply_injection(model, plan, config, adapter_name, routing, low_cpu_mem_usage=low_cpu_mem_usage)
+    if layer_init_name(config.init_lora_weights) and not low_cpu_mem_usage:
+        apply_layer_init_injection(model, plan, config, adapter_name, routing)
+    else:
+        apply_injection(
+            model, plan, config, adapter_name, routing, low_cpu_mem_usage=low_cpu_mem_usage
+        )
     configs[adapter_name] = config
     setattr(model, PEFT_CONFIG_ATTRIBUTE, configs)
     refresh_trainable(model, iter_wrappers(model), configs, routing.active_adapters)

@@ -311,3 +311,16 @@ def test_merge_unmerge_and_unload_after_a_base_changing_init(init: str) -> None:
     assert torch.equal(
         q_weight, residuals["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
     )
+
+
+def test_inject_adapter_in_model_runs_pissa_as_peft() -> None:
+    from lorakit import inject_adapter_in_model
+
+    options: dict[str, Any] = {"r": 4, "target_modules": ["q_proj"], "init_lora_weights": "pissa"}
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(**options), tiny_llama())
+    ours = inject_adapter_in_model(LoraConfig(**options), tiny_llama())
+    their_state, our_state = theirs.state_dict(), ours.state_dict()
+    assert set(our_state) == set(their_state)
+    for key, value in their_state.items():
+        assert torch.allclose(our_state[key], value, atol=STATE_TOL, rtol=0), key
+    assert torch.allclose(_logits(ours), _logits(tiny_llama()), atol=RESTORED_TOL, rtol=0)
