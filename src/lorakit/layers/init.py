@@ -77,7 +77,10 @@ def initialise(
             f"init_lora_weights={option!r} cannot initialise this layer here; allowed values "
             f"are {list(table)}. 'loftq' is applied by get_peft_model / "
             "PeftModel.add_adapter to full-precision torch.nn.Linear and transformers Conv1D "
-            "layers, which it replaces by 4-bit QuantLinear (see lorakit.quant.loftq)."
+            "layers, which it replaces by 4-bit QuantLinear (see lorakit.quant.loftq); "
+            "'pissa', 'pissa_niter_N', 'olora' and 'orthogonal' by get_peft_model, "
+            "PeftModel.add_adapter and inject_adapter_in_model to those layers only "
+            "(initialise_from_layer)."
         )
     function(A, B, r)
 
