@@ -53,9 +53,10 @@ class RunSpec:
         name: Shown in the table and the plot.
         folder: Its sub-folder of the output folder.
         learning_rate: Peak AdamW learning rate (linear decay to 0, weight decay 0.01).
-        reference_seconds_per_step: Pace on an idle 2-core machine, from the issue's timing of
-            the demo's 286 steps (2 epochs of 4,558 words in batches of 32): LoRA 55 s, full
-            fine-tuning 101 s, model building and evaluation included.
+        reference_seconds_per_step: Pace on an idle 2-core machine, measured over
+            the demo's 286 steps (2 epochs of 4,558 words in batches of 32): LoRA 51 s, full
+            fine-tuning 63 s, model building and evaluation included (`/usr/bin/time lorakit
+            demo` on 2 idle cores, benchmarks/RESULTS.md).
     """
 
     name: str
@@ -64,8 +65,8 @@ class RunSpec:
     reference_seconds_per_step: float
 
 
-LORA_RUN = RunSpec("LoRA r=16 all-linear", LORA_FOLDER, 1e-3, 55 / 286)
-FULL_RUN = RunSpec("full fine-tuning", FULL_FOLDER, 5e-5, 101 / 286)
+LORA_RUN = RunSpec("LoRA r=16 all-linear", LORA_FOLDER, 1e-3, 51 / 286)
+FULL_RUN = RunSpec("full fine-tuning", FULL_FOLDER, 5e-5, 63 / 286)
 
 
 @dataclass
