@@ -197,3 +197,18 @@ def test_the_command_lines_in_the_docs_parse() -> None:
             words = ["lorakit", *launch.training_script_args]
         args = build_parser().parse_args(words[1:])
         assert args.command == "train"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("pissa", "pissa"), ("PiSSA_niter_4", "pissa_niter_4"), ("olora", "olora"), ("true", True)],
+)
+def test_init_flag_takes_the_layer_inits(value: str, expected: object) -> None:
+    options = gather_options(INPUTS, _flags("--init-lora-weights", value))
+    assert options.lora["init_lora_weights"] == expected
+
+
+def test_init_flag_refuses_an_unknown_init(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _flags("--init-lora-weights", "pissa_niter_x")
+    assert "use one of true, false, gaussian" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 import types
 import typing
@@ -35,7 +36,17 @@ TARGET_MODULES_HELP = (
     "Comma-separated module names, or all-linear (a regex: target_modules in the config "
     "file's lora: section)."
 )
-INIT_CHOICES = ("true", "false", "gaussian", "loftq")
+INIT_CHOICES = (
+    "true",
+    "false",
+    "gaussian",
+    "loftq",
+    "pissa",
+    "pissa_niter_N",
+    "olora",
+    "orthogonal",
+)
+PISSA_NITER = re.compile(r"pissa_niter_\d+")  # the fast-SVD PiSSA, N subspace iterations
 # Argument groups: (title, description); descriptions are printed as written (<= 76 columns).
 LORA_GROUP = (
     "LoRA (config file: the lora: section)",
@@ -110,7 +121,7 @@ def _add_lora_flags(group: argparse._ArgumentGroup) -> None:
         "init_lora_weights",
         docs["init_lora_weights"],
         type=_init_option,
-        metavar="{" + ",".join(INIT_CHOICES) + "}",
+        metavar="INIT",
     )
 
 
@@ -153,7 +164,7 @@ def number(text: str) -> int | float:
 def _init_option(text: str) -> bool | str:
     """``--init-lora-weights``: true/false as booleans, a method name as it is."""
     lowered = text.lower()
-    if lowered not in INIT_CHOICES:
+    if lowered not in INIT_CHOICES and not PISSA_NITER.fullmatch(lowered):
         raise argparse.ArgumentTypeError(f"use one of {', '.join(INIT_CHOICES)}")
     return {"true": True, "false": False}.get(lowered, lowered)
 
