@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 import lorakit
-from bnb_support import import_bitsandbytes
+from bnb_support import import_bitsandbytes, load_bnb_llama
 from lorakit.errors import MergeError
 from lorakit.layers.bnb import LoraBnbLinear4bit
 from lorakit.layers.packed import LoraPackedLinear
@@ -56,36 +55,18 @@ def saved_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _bnb_llama(folder: Path) -> nn.Module:
-    """The saved model loaded by transformers with NF4 double-quant Linear4bit layers."""
-    import transformers
-
-    quantization = transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model: nn.Module = transformers.LlamaForCausalLM.from_pretrained(
-            folder, quantization_config=quantization, device_map="cpu"
-        )
-    return model
-
-
 def _pair(folder: Path) -> tuple[Any, Any]:
     """lorakit and peft on two loads of the same 4-bit model, with the same non-zero A and B."""
     import peft
 
     options: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
-    ours = lorakit.get_peft_model(_bnb_llama(folder), lorakit.LoraConfig(**options))
+    ours = lorakit.get_peft_model(load_bnb_llama(folder), lorakit.LoraConfig(**options))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, parameter in ours.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    theirs = peft.get_peft_model(_bnb_llama(folder), peft.LoraConfig(**options))
+    theirs = peft.get_peft_model(load_bnb_llama(folder), peft.LoraConfig(**options))
     adapters = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
     result = theirs.load_state_dict(adapters, strict=False)
     assert not result.unexpected_keys and len(adapters) == 2 * QUANTIZED_LAYERS

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import lorakit
-from bnb_support import import_bitsandbytes
+from bnb_support import import_bitsandbytes, load_bnb_llama
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.layers.packed import LoraPackedLinear
 from tiny_models import tiny_llama, token_batch
@@ -57,26 +57,9 @@ def saved_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _bnb_llama(folder: Path) -> nn.Module:
-    import transformers
-
-    quantization = transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model: nn.Module = transformers.LlamaForCausalLM.from_pretrained(
-            folder, quantization_config=quantization, device_map="cpu"
-        )
-    return model
-
-
 def _lorakit(folder: Path, **options: Any) -> lorakit.PeftModel:
     config = lorakit.LoraConfig(target_modules=TARGETS, **options)
-    return lorakit.get_peft_model(_bnb_llama(folder), config)
+    return lorakit.get_peft_model(load_bnb_llama(folder), config)
 
 
 def _peft(folder: Path, **options: Any) -> Any:
@@ -85,7 +68,7 @@ def _peft(folder: Path, **options: Any) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return peft.get_peft_model(
-            _bnb_llama(folder), peft.LoraConfig(target_modules=TARGETS, **options)
+            load_bnb_llama(folder), peft.LoraConfig(target_modules=TARGETS, **options)
         )
 
 
