@@ -57,3 +57,26 @@ def closest_names(name: str, candidates: Iterable[str], limit: int = 5) -> list[
     if close:
         return close
     return [c for c in unique if name.lower() in c.lower() or c.lower() in name.lower()][:limit]
+
+
+class ServeError(LorakitError):
+    """The serving engine (`lorakit.serve`) cannot do what a request or call asks."""
+
+
+class UnknownAdapterError(ServeError, KeyError):
+    """A request or call names an adapter the engine has not loaded (the message lists those)."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class QueueFullError(ServeError, RuntimeError):
+    """The engine's waiting queue holds `max_queue` requests already; retry later (HTTP 429)."""
+
+
+class RequestTooLargeError(ServeError, ValueError):
+    """A prompt or `max_tokens` exceeds the engine's configured limits (HTTP 400)."""
+
+
+class AdapterInUseError(ServeError, RuntimeError):
+    """An adapter still used by running or waiting requests was asked to unload without waiting."""

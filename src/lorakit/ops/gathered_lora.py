@@ -1,0 +1,58 @@
+"""Many adapters in one batch: per-row low-rank products from stacked factors (Punica/S-LoRA).
+
+The adapters of one layer are stacked along the rank: A_cat = [A_1; ...; A_n] (R, in) and
+B_cat = [s_1 B_1 | ... | s_n B_n] (out, R), R = Σ r_i, each adapter's scale folded into its
+columns of B. A row's adapter choice is a coefficient vector c (R) that holds, on adapter i's
+r_i columns, the weight w_i the row gives it (1 for a plain adapter, 0 for adapters it does not
+use). Then the row's update is
+
+    Δy = B_cat diag(c) A_cat x = Σ_i w_i s_i B_i A_i x,
+
+which is exactly the update of one adapter (c one-hot on a segment), of a blend (the virtual
+adapter A = [A_a; A_b], B = [w_a s_a B_a | w_b s_b B_b] of rank r_a + r_b), or of none (c = 0).
+Zero coefficients add exact zeros, so a row's result does not depend on the other rows.
+
+Two equal routes compute it for a batch x (rows, seq, in):
+- `stacked_lora_delta`: one product with every stacked column, then the coefficients; reads each
+  adapter's factors once, best for decoding (seq = 1), where reading weights dominates.
+- `gathered_lora_delta`: each row gathers only the k columns it uses (its adapters' rows of
+  A_cat and columns of B_cat, zero-coefficient padding to the longest row), then batched
+  matmuls; its work does not grow with the adapters loaded, best for prefill (seq > 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def stacked_lora_delta(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, coefficients: torch.Tensor
+) -> torch.Tensor:
+    """Δy = ((x A^T) ⊙ c) B^T per row: every row against all stacked columns.
+
+    Shapes: x (rows, seq, in), A (R, in), B (out, R), coefficients (rows, R) -> (rows, seq, out).
+    """
+    hidden = x @ A.t()  # (rows, seq, R)
+    hidden = hidden * coefficients.unsqueeze(1)
+    return hidden @ B.t()
+
+
+def gathered_lora_delta(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    columns: torch.Tensor,
+    coefficients: torch.Tensor,
+) -> torch.Tensor:
+    """Δy = Σ_j c[row, j] · B[:, k_j] (A[k_j] · x) over the k columns k_j each row gathers.
+
+    Shapes: x (rows, seq, in), A (R, in), B (out, R), columns (rows, k) indices into R,
+    coefficients (rows, k) -> (rows, seq, out).
+    """
+    rows, k = columns.shape
+    flat = columns.reshape(-1)
+    A_rows = A.index_select(0, flat).view(rows, k, A.shape[1])  # (rows, k, in)
+    B_rows = B.t().index_select(0, flat).view(rows, k, B.shape[0])  # (rows, k, out)
+    hidden = torch.bmm(x, A_rows.transpose(1, 2))  # (rows, seq, k)
+    hidden = hidden * coefficients.unsqueeze(1)
+    return torch.bmm(hidden, B_rows)
