@@ -111,6 +111,10 @@ class LoraConfig(ConfigFilesMixin):
         inference_mode: Adapter weights do not train.
         loftq_config: Options for `init_lora_weights="loftq"`.
         use_dora: DoRA; not implemented, must stay False.
+        layer_replication: Build a deeper model from the base's decoder layers before adapting
+            it: a list of `[start, end)` ranges over the layer list (`[[0, 4], [2, 5]]` makes
+            layers 0, 1, 2, 3, 2, 3, 4). Repeated layers share the base weights (nothing is
+            copied) and each gets its own adapters. Such an adapter cannot be merged.
         revision: Revision of the base model (kept for PEFT compatibility).
     """
 
@@ -134,6 +138,7 @@ class LoraConfig(ConfigFilesMixin):
     loftq_config: LoftQConfig | dict[str, Any] = field(default_factory=dict)
     use_dora: bool = False
     revision: str | None = None
+    layer_replication: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         # Normalise copies of containers so the caller's objects are never shared or mutated.
@@ -147,6 +152,8 @@ class LoraConfig(ConfigFilesMixin):
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.layers_to_transform, (list, tuple)):
             self.layers_to_transform = list(self.layers_to_transform)
+        if self.layer_replication is not None:
+            self.layer_replication = _layer_ranges(self.layer_replication)
         self.rank_pattern = dict(self.rank_pattern)
         self.alpha_pattern = dict(self.alpha_pattern)
         if isinstance(self.loftq_config, Mapping) and self.loftq_config:
@@ -205,6 +212,11 @@ class LoraConfig(ConfigFilesMixin):
                 f"layers_pattern={self.layers_pattern!r} without layers_to_transform selects "
                 "nothing by itself; set layers_to_transform (e.g. [0, 1]) to pick layers, or "
                 "remove layers_pattern."
+            )
+        if self.layer_replication is not None and not self.layer_replication:
+            raise ConfigError(
+                "layer_replication=[]: an empty list leaves no layers. Fix: give [start, end) "
+                "ranges, e.g. [[0, 2], [1, 2]], or None for no replication."
             )
         if self.use_dora:
             raise ConfigError(
@@ -294,7 +306,6 @@ UNSUPPORTED_PEFT_FIELDS: dict[str, tuple[object, str]] = {
     "ensure_weight_tying": (False, "tying adapters of tied weights"),
     "eva_config": (None, "EVA initialisation"),
     "kasa_config": (None, "KaSA"),
-    "layer_replication": (None, "layer replication"),
     "lora_bias": (False, "a trained bias on lora_B"),
     "lora_ga_config": (None, "LoRA-GA initialisation"),
     "megatron_config": (None, "Megatron-LM parallel layers"),
@@ -326,6 +337,32 @@ def _refuse_if_set(key: str, value: object) -> None:
             f"{key}={value!r}: not a LoRA option lorakit knows (a newer peft's, or a typo); "
             f"it is not ignored. Fix: remove {key} from the config."
         )
+
+
+def _layer_ranges(value: object) -> list[list[int]]:
+    """`layer_replication` as a list of `[start, end]` lists (JSON's form), checked."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(
+            f"layer_replication={value!r}: must be a list of [start, end) pairs, e.g. "
+            "[[0, 2], [1, 2]], or None."
+        )
+    ranges: list[list[int]] = []
+    for pair in value:
+        is_pair = isinstance(pair, (list, tuple)) and len(pair) == 2
+        if not is_pair or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in pair
+        ):
+            raise ConfigError(
+                f"layer_replication={value!r}: each item must be a [start, end) pair of "
+                "non-negative ints, e.g. [[0, 2], [1, 2]]."
+            )
+        if pair[0] >= pair[1]:
+            raise ConfigError(
+                f"layer_replication={value!r}: range {list(pair)!r} is empty; each needs "
+                "start < end."
+            )
+        ranges.append(list(pair))
+    return ranges
 
 
 def _is_set(value: object) -> bool:

@@ -24,6 +24,8 @@ from .errors import AdapterNameError, AdapterStateError
 from .hub import resolve_adapter_folder
 from .inject import apply_injection, iter_wrappers, plan_injection
 from .inject.layer_init import apply_layer_init_injection
+from .inject.parameters import apply_parameter_injection, plan_parameter_injection
+from .inject.replication import layers_replicated
 from .inject.trainable import refresh_trainable
 from .io import AdapterMismatch, AdapterMismatchError, find_mismatches, load_adapter_files
 from .io.keys import describe_mismatch, display_name, lora_module_paths, remap_keys
@@ -79,9 +81,17 @@ def inject_adapter_in_model(
             f"Adapter {adapter_name!r} is already injected in this model; pick another name."
         )
     config = LoraConfig.from_config(peft_config)
+    if state_dict is not None and config.target_parameters:
+        raise ConfigError(
+            f"inject_adapter_in_model(state_dict=...) with target_parameters="
+            f"{config.target_parameters!r}: the state dict's keys cannot say which parameter "
+            "each nested wrapper adapts (PEFT refuses this too). Fix: pass state_dict=None."
+        )
     if state_dict is not None:
         config = _targets_from_state_dict(config, state_dict)
-    plan = plan_injection(model, config)
+    with layers_replicated(model, config.layer_replication):  # undone if planning fails
+        plan = plan_injection(model, config)
+        parameters = plan_parameter_injection(model, config, plan, configs)
     routing = _routing_of(model) or AdapterRouting(active_adapters=(adapter_name,))
     if not configs:
         model.requires_grad_(False)
@@ -91,6 +101,9 @@ def inject_adapter_in_model(
         apply_injection(
             model, plan, config, adapter_name, routing, low_cpu_mem_usage=low_cpu_mem_usage
         )
+    apply_parameter_injection(
+        model, parameters, config, adapter_name, routing, low_cpu_mem_usage=low_cpu_mem_usage
+    )
     configs[adapter_name] = config
     setattr(model, PEFT_CONFIG_ATTRIBUTE, configs)
     refresh_trainable(model, iter_wrappers(model), configs, routing.active_adapters)

@@ -27,6 +27,8 @@ from .inject import (
     wrapped_module,
 )
 from .inject.layer_init import apply_layer_init_injection
+from .inject.parameters import apply_parameter_injection, plan_parameter_injection
+from .inject.replication import layers_replicated, replicated_map
 from .inject.trainable import refresh_trainable
 from .layers.base import LoraLayer
 from .layers.init import layer_init_name
@@ -182,8 +184,10 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
             )
         config = self._config_for(peft_config)
         model = self.get_base_model()
-        plan = plan_injection(model, config)
-        config.fan_in_fan_out = corrected_fan_in_fan_out(model, plan, config.fan_in_fan_out)
+        with layers_replicated(model, config.layer_replication):  # undone if planning fails
+            plan = plan_injection(model, config)
+            config.fan_in_fan_out = corrected_fan_in_fan_out(model, plan, config.fan_in_fan_out)
+            parameters = plan_parameter_injection(model, config, plan, self.peft_config)
         if config.init_lora_weights == "loftq" and init_weights and not low_cpu_mem_usage:
             from .inject.loftq import apply_loftq_injection  # imports lorakit.quant
 
@@ -205,6 +209,16 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
                 autocast_adapter_dtype=autocast_adapter_dtype,
                 low_cpu_mem_usage=low_cpu_mem_usage,
             )
+        apply_parameter_injection(
+            model,
+            parameters,
+            config,
+            adapter_name,
+            self.routing,
+            init_weights,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         self._wrappers_changed()
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
@@ -231,7 +245,7 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
         """Remove an adapter from every layer; wrappers left with no adapter are unwrapped."""
         self._check_exist([adapter_name])
         model = self.get_base_model()
-        for key, wrapper in list(iter_wrappers(model)):
+        for key, wrapper in reversed(list(iter_wrappers(model))):  # nested: innermost first
             if adapter_name not in wrapper.adapter_names:
                 continue
             wrapper.delete_adapter(adapter_name)
@@ -313,6 +327,13 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
         """The adapters to merge and the LoRA layers, once every check passed (nothing written)."""
         names = list(self.routing.active_adapters if adapter_names is None else adapter_names)
         self._check_exist(names)
+        layer_map = replicated_map(self.get_base_model())
+        if layer_map is not None:
+            raise MergeError(
+                f"This model's layers are replicated (layer_replication={layer_map!r}): "
+                "repeated layers share one base weight, so merging one layer's adapter would "
+                "change its copies too; nothing was merged. Fix: run the adapters unmerged."
+            )
         layers = list(self._lora_layers())
         if in_place:
             for _, layer in layers:
@@ -349,6 +370,7 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
         """
         names, layers = self._checked_merge(adapter_names, safe_merge, in_place=False)
         model = self.get_base_model()
+        layers.reverse()  # nested wrappers (target_parameters): innermost first
         for key, layer in _progress(layers, progressbar, "Unloading and merging model"):
             # never unmerged: no records are kept
             replace_module(model, key, layer.merged_module(names, requantize))

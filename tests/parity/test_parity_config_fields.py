@@ -50,6 +50,7 @@ CARRIED: dict[str, dict[str, Any]] = {
     "rank_pattern": {"rank_pattern": {"v_proj": 2}},
     "alpha_pattern": {"alpha_pattern": {"v_proj": 3}},
     "loftq_config": {"init_lora_weights": "loftq", "loftq_config": {"loftq_iter": 2}},
+    "layer_replication": {"layer_replication": [[0, 2], [1, 2]]},
 }
 # Fields of PEFT features lorakit does not implement, each set to a value peft accepts.
 REFUSED: dict[str, Any] = {
@@ -65,7 +66,6 @@ REFUSED: dict[str, Any] = {
     "use_qalora": True,
     "qalora_group_size": 32,
     "monteclora_config": peft.MontecloraConfig(),
-    "layer_replication": [(0, 1)],
     "runtime_config": peft.LoraRuntimeConfig(ephemeral_gpu_offload=True),
     "lora_bias": True,
     "target_parameters": ["mlp.up_proj.weight"],
