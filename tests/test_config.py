@@ -18,6 +18,15 @@ from lorakit.errors import ConfigError
         ({"bias": "some"}, r"bias='some': allowed values are \['none', 'all', 'lora_only'\]"),
         ({"init_lora_weights": "xavier"}, r"init_lora_weights='xavier': allowed values"),
         ({"init_lora_weights": "loftq"}, r"needs loftq_config"),
+        (
+            {"loftq_config": LoftQConfig(loftq_iter=2)},
+            r"loftq_config=LoftQConfig\(loftq_bits=4, loftq_iter=2\) with "
+            r"init_lora_weights=True: .* would be ignored",
+        ),
+        (
+            {"init_lora_weights": "gaussian", "loftq_config": {"loftq_iter": 2}},
+            r"with init_lora_weights='gaussian'.*Fix: set init_lora_weights='loftq'",
+        ),
         ({"task_type": "CLS"}, r"task_type='CLS': allowed values are \['CAUSAL_LM'"),
         ({"layers_to_transform": [-1]}, r"layers_to_transform=\[-1\]"),
         ({"rank_pattern": {"q": 0}}, r"rank_pattern\['q'\]=0"),

@@ -191,6 +191,13 @@ class LoraConfig(ConfigFilesMixin):
                 "init_lora_weights='loftq' needs loftq_config: pass "
                 "loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1)."
             )
+        if self.init_lora_weights != "loftq" and isinstance(self.loftq_config, LoftQConfig):
+            raise ConfigError(
+                f"loftq_config={self.loftq_config!r} with init_lora_weights="
+                f"{self.init_lora_weights!r}: loftq_config is read only by "
+                "init_lora_weights='loftq', so it would be ignored. Fix: set "
+                "init_lora_weights='loftq', or leave out loftq_config."
+            )
         _check_names("target_modules", self.target_modules)
         _check_names("exclude_modules", self.exclude_modules)
         _check_names("layers_pattern", self.layers_pattern)

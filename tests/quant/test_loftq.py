@@ -303,7 +303,7 @@ def test_model_output_closer_to_original_than_plain_qlora(
 ) -> None:
     with torch.no_grad():
         reference = quant_llama(llama_tokens).logits
-    plain_config = loftq_config(init_lora_weights=True)
+    plain_config = loftq_config(init_lora_weights=True, loftq_config={})
     plain = get_peft_model(
         quantize_model_linears(copy.deepcopy(quant_llama), QuantConfig()), plain_config
     )
@@ -418,7 +418,7 @@ def test_already_quantized_target_is_refused(quant_llama: nn.Module) -> None:
 
 
 def test_loftq_on_layers_that_hold_adapters_is_refused(quant_llama: nn.Module) -> None:
-    model = get_peft_model(quant_llama, loftq_config(init_lora_weights=True))
+    model = get_peft_model(quant_llama, loftq_config(init_lora_weights=True, loftq_config={}))
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(TargetModuleError, match=r"already holds adapters \['default'\]"):
         model.add_adapter("loftq", loftq_config())
