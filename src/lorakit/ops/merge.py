@@ -64,7 +64,15 @@ def merge_delta(
         return None
     original = weight.clone()
     weight.copy_(original.to(compute) + delta)  # one rounding, in copy_
-    restored = (weight.to(compute) - delta).to(weight.dtype)
+    return record_of(original, (weight.to(compute) - delta).to(weight.dtype))
+
+
+def record_of(original: torch.Tensor, restored: torch.Tensor) -> MergeRecord:
+    """The record that turns `restored` (what unmerge computes) back into `original`.
+
+    Sparse (the differing entries) unless that would cost more than `original` itself, which
+    is then the record. `original` is kept, not copied: pass a tensor nothing else writes to.
+    """
     wrong = ~_same_bits(restored, original)
     indices = wrong.reshape(-1).nonzero().view(-1)  # (k,), row-major order as `put_` reads it
     sparse_bytes = indices.numel() * (4 + original.element_size())
@@ -72,6 +80,18 @@ def merge_delta(
         return MergeRecord(indices=None, values=original)
     values = original.reshape(-1)[indices].clone()
     return MergeRecord(indices=indices.to(torch.int32), values=values)
+
+
+@torch.no_grad()
+def apply_record(weight: torch.Tensor, record: MergeRecord | None) -> None:
+    """Write a record's original entries into `weight` (nothing if None or cast since)."""
+    if record is None or record.values.dtype != weight.dtype:  # cast since: no longer applies
+        return
+    values = record.values.to(weight.device)  # the model may have moved since the merge
+    if record.indices is None:
+        weight.copy_(values)
+    elif record.indices.numel():
+        weight.put_(record.indices.to(weight.device, torch.long), values)  # row-major, any strides
 
 
 @torch.no_grad()
@@ -85,10 +105,4 @@ def unmerge_delta(weight: torch.Tensor, delta: torch.Tensor, record: MergeRecord
     compute = _compute_dtype(weight.dtype)
     delta = delta.to(device=weight.device, dtype=compute)
     weight.copy_(weight.to(compute) - delta)
-    if record is None or record.values.dtype != weight.dtype:  # cast since: no longer applies
-        return
-    values = record.values.to(weight.device)  # the model may have moved since the merge
-    if record.indices is None:
-        weight.copy_(values)
-    elif record.indices.numel():
-        weight.put_(record.indices.to(weight.device, torch.long), values)  # row-major, any strides
+    apply_record(weight, record)
