@@ -116,6 +116,16 @@ class LoraConfig(ConfigFilesMixin):
             layers 0, 1, 2, 3, 2, 3, 4). Repeated layers share the base weights (nothing is
             copied) and each gets its own adapters. Such an adapter cannot be merged.
         revision: Revision of the base model (kept for PEFT compatibility).
+        target_parameters: Parameters to adapt that are not a layer's weight, such as the 3-D
+            expert stacks of transformers' mixture-of-experts blocks
+            (`["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`): a list of names, each
+            matching a parameter whose path equals it or ends with "." + it. A 3-D parameter
+            (E, d1, d2) gets one adapter per expert (A holds E·r rows, B E·r columns, as in
+            PEFT). Without `target_modules` only the default modules of the model type (if it
+            has defaults) are adapted besides; `target_modules=[]` adapts no module.
+            `layers_to_transform`, `layers_pattern` and `exclude_modules` select modules only.
+            Not with `lora_dropout`, `fan_in_fan_out`, `use_dora`, `lora_bias` or inits other
+            than True, False and "gaussian"; all adapters of a model name the same parameters.
     """
 
     r: int = 8
@@ -138,6 +148,7 @@ class LoraConfig(ConfigFilesMixin):
     loftq_config: LoftQConfig | dict[str, Any] = field(default_factory=dict)
     use_dora: bool = False
     revision: str | None = None
+    target_parameters: list[str] | None = None
     layer_replication: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
@@ -152,6 +163,10 @@ class LoraConfig(ConfigFilesMixin):
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.layers_to_transform, (list, tuple)):
             self.layers_to_transform = list(self.layers_to_transform)
+        if isinstance(self.target_parameters, set):  # peft's form after its MoE conversion
+            self.target_parameters = sorted(self.target_parameters, key=str)
+        elif isinstance(self.target_parameters, (list, tuple)):
+            self.target_parameters = list(self.target_parameters)
         if self.layer_replication is not None:
             self.layer_replication = _layer_ranges(self.layer_replication)
         self.rank_pattern = dict(self.rank_pattern)
@@ -201,6 +216,15 @@ class LoraConfig(ConfigFilesMixin):
         _check_names("target_modules", self.target_modules)
         _check_names("exclude_modules", self.exclude_modules)
         _check_names("layers_pattern", self.layers_pattern)
+        if self.target_parameters is not None and not (
+            isinstance(self.target_parameters, list)
+            and all(isinstance(name, str) for name in self.target_parameters)
+        ):
+            raise ConfigError(
+                f"target_parameters={self.target_parameters!r}: must be a list of parameter "
+                "names (a regex string is not supported, as in PEFT), e.g. "
+                "['mlp.experts.gate_up_proj']."
+            )
         if self.modules_to_save is not None:
             _check_names("modules_to_save", self.modules_to_save)
         layers = self.layers_to_transform
@@ -320,7 +344,6 @@ UNSUPPORTED_PEFT_FIELDS: dict[str, tuple[object, str]] = {
     "monteclora_config": (None, "MonteCLoRA"),
     "qalora_group_size": (16, "QALoRA"),
     "runtime_config.ephemeral_gpu_offload": (False, "ephemeral GPU offload (used by DoRA)"),
-    "target_parameters": (None, "LoRA on nn.Parameter targets"),
     "trainable_token_indices": (None, "trainable tokens"),
     "use_bdlora": (None, "block-diagonal LoRA (BD-LoRA)"),
     "use_qalora": (False, "QALoRA"),

@@ -20,7 +20,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from .config import ConfigSource, LoraConfig
 from .constants import DEFAULT_ADAPTER_NAME
-from .errors import AdapterNameError, AdapterStateError
+from .errors import AdapterNameError, AdapterStateError, ConfigError
 from .hub import resolve_adapter_folder
 from .inject import apply_injection, iter_wrappers, plan_injection
 from .inject.layer_init import apply_layer_init_injection

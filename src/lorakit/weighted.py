@@ -43,6 +43,13 @@ def add_weighted_adapter(
             f"add_weighted_adapter got {len(adapters)} adapters and {len(weights)} weights; "
             "give one weight per adapter (at least one)."
         )
+    uses_parameters = [name for name in adapters if model.peft_config[name].target_parameters]
+    if uses_parameters:
+        raise ConfigError(
+            f"add_weighted_adapter cannot combine adapters {uses_parameters}, which adapt "
+            "parameters (target_parameters): their A and B hold one block per expert (PEFT "
+            "refuses them too). Fix: combine adapters without target_parameters."
+        )
     if any(model.peft_config[name].modules_to_save for name in adapters):
         raise ConfigError(
             "add_weighted_adapter cannot combine adapters that train whole modules "

@@ -126,7 +126,7 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
         r = int(pattern_value(config.rank_pattern, key, config.r))
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
         targets.append(Target(key, entry, r, alpha))
-    if not targets:
+    if not targets and not config.target_parameters:  # parameters may be the only targets
         raise TargetModuleError(
             f"The config matches no module: target_modules={config.target_modules!r}, "
             f"exclude_modules={config.exclude_modules!r}, layers_to_transform={layers!r}, "
@@ -192,6 +192,8 @@ def resolve_target_modules(
     spec = config.target_modules
     if spec is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES and config.target_parameters:
+            return []  # as PEFT: the parameters alone, for a model type without defaults
         if model_type not in DEFAULT_TARGET_MODULES:
             raise TargetModuleError(
                 f"No default target_modules for model_type={model_type!r}; set target_modules, "

@@ -126,7 +126,7 @@ def unwrap_model(model: nn.Module, keep_trained_heads: bool) -> nn.Module:
         keep_trained_heads: Put the active adapter's copy of each `modules_to_save` module in
             place (merge_and_unload) instead of the original module (unload).
     """
-    for key, wrapper in list(iter_wrappers(model)):
+    for key, wrapper in reversed(list(iter_wrappers(model))):  # nested: innermost first
         if keep_trained_heads and isinstance(wrapper, ModulesToSaveWrapper):
             replace_module(model, key, wrapper.active_module())
         else:
