@@ -9,6 +9,8 @@ BASE_ADAPTER = "base"
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
+# Not in the contract's list: the engine's forward raised (logged); the request ends.
+FINISH_ERROR = "error"
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class TokenEvent:
             character or a possible stop string is incomplete; held text comes later).
         logprob: The token's log-probability when `SamplingParams.logprobs` is set, else None.
         finish_reason: None, or "stop" (end-of-sequence token or stop string), "length"
-            (`max_tokens`) or "cancelled".
+            (`max_tokens`), "cancelled", or "error" (the engine's forward failed; logged).
     """
 
     token_id: int

@@ -1,0 +1,112 @@
+"""The engine's adapted layers: every loaded adapter's factors stacked in one module per layer.
+
+`AdapterBank` takes the place of a targeted Linear or transformers Conv1D (or a 4-bit
+`QuantLinear`) in the engine's own copy of the base. It keeps the original module as
+`base_layer` and runs y = base_layer(x) + Δy, with Δy from the rows' plan (see
+`serve.routing` and `ops.gathered_lora`). `HeadBank` does the same for modules an adapter saves
+whole (a classifier head): the module of the batch's adapter, or the base's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from lorakit.serve.routing import BatchRouting, Layout
+
+
+def module_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a Linear, a 4-bit QuantLinear or a transformers Conv1D."""
+    in_features, out_features = (
+        getattr(module, "in_features", None),
+        getattr(module, "out_features", None),
+    )
+    if isinstance(in_features, int) and isinstance(out_features, int):
+        return in_features, out_features
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    if type(module).__name__ == "Conv1D" and isinstance(nx, int) and isinstance(nf, int):
+        return nx, nf
+    return None
+
+
+class AdapterBank(nn.Module):
+    """A base layer plus the stacked factors of every adapter that adapts it.
+
+    A (R, in) holds the adapters' A matrices one under the other, B (out, R) their s·B side
+    by side, in `layout` order; R is the sum of their ranks (no padding, so a loaded adapter
+    costs exactly its tensors).
+    """
+
+    def __init__(self, base_layer: nn.Module, routing: BatchRouting) -> None:
+        super().__init__()
+        features = module_features(base_layer)
+        assert features is not None, type(base_layer)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = features
+        self.routing = routing
+        self.layout: Layout = ()
+        self.A: torch.Tensor | None = None
+        self.B: torch.Tensor | None = None
+
+    def add(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Stack adapter `name`'s A (r, in) and s·B (out, r) after the others."""
+        assert A.shape[1] == self.in_features and B.shape[0] == self.out_features
+        self.A = A if self.A is None else torch.cat([self.A, A], dim=0)
+        self.B = B if self.B is None else torch.cat([self.B, B], dim=1)
+        self.layout = (*self.layout, (name, A.shape[0]))
+
+    def remove(self, name: str) -> None:
+        """Drop adapter `name`'s columns (a no-op when it does not adapt this layer)."""
+        names = [n for n, _ in self.layout]
+        if name not in names:
+            return
+        assert self.A is not None and self.B is not None
+        index = names.index(name)
+        first = sum(r for _, r in self.layout[:index])
+        last = first + self.layout[index][1]
+        self.layout = self.layout[:index] + self.layout[index + 1 :]
+        if not self.layout:
+            self.A = self.B = None
+            return
+        self.A = torch.cat([self.A[:first], self.A[last:]], dim=0)
+        self.B = torch.cat([self.B[:, :first], self.B[:, last:]], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.A is None or self.B is None:
+            return result
+        plan = self.routing.plan(self.layout, self.A.dtype, self.A.device)
+        if plan is None:
+            return result
+        rows = x.shape[0]
+        x3 = x.reshape(rows, -1, self.in_features).to(self.A.dtype)  # (rows, seq, in)
+        delta = plan.delta(x3, self.A, self.B)
+        return result + delta.view(result.shape).to(result.dtype)
+
+
+class HeadBank(nn.Module):
+    """A module some adapters save whole (modules_to_save): the base's or the adapter's copy."""
+
+    def __init__(self, base_layer: nn.Module, routing: BatchRouting) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = routing
+        self.copies = nn.ModuleDict()
+
+    def add(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Hold adapter `name`'s copy of the module, with the saved tensors."""
+        module = copy.deepcopy(self.base_layer)
+        module.load_state_dict(state, strict=True)
+        self.copies[name] = module
+
+    def remove(self, name: str) -> None:
+        """Drop adapter `name`'s copy (a no-op when it has none)."""
+        if name in self.copies:
+            del self.copies[name]
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        name = self.routing.head_choice()
+        module = self.copies[name] if name is not None and name in self.copies else None
+        return (module or self.base_layer)(*args, **kwargs)
