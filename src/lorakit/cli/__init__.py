@@ -12,6 +12,7 @@ from .demo import add_demo_parser, run_demo
 from .formatting import HelpFormatter
 from .inspect_model import add_inspect_parser, run_inspect
 from .merge import add_merge_parser, run_merge
+from .serve import add_serve_parser, run_serve
 from .train import add_train_parser, run_train
 
 USAGE_ERROR = 2  # bad input: a message, no traceback
@@ -20,6 +21,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": run_train,
     "merge": run_merge,
     "inspect": run_inspect,
+    "serve": run_serve,
 }
 # Example command lines of each command, shown by its --help (a test parses every one).
 EXAMPLES: dict[str, tuple[str, ...]] = {
@@ -32,6 +34,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "merge": ("lorakit merge --base ./my-model --adapter run/adapter --out merged",),
     "inspect": ("lorakit inspect ./my-model --target-modules q_proj v_proj",),
+    "serve": (
+        "lorakit serve --base ./my-model --adapter sql=./sql --adapter chat=./chat",
+        "lorakit serve --base ./my-model --adapters-root ./adapters --api-key KEY",
+    ),
 }
 MORE_HELP = "'lorakit COMMAND --help' shows a command's options and examples."
 
@@ -54,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_merge_parser(commands)
     add_inspect_parser(commands)
+    add_serve_parser(commands)
     for name, command in commands.choices.items():
         command.formatter_class = HelpFormatter
         command.epilog = examples_text(EXAMPLES[name])
