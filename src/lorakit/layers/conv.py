@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..ops.lora import conv_delta_weight
+from . import dora
 from .base import LoraLayer, module_weight
 from .init import LINEAR_INITS
 from .routing import AdapterRouting, AdapterSlot
@@ -63,6 +64,8 @@ class LoraConv(LoraLayer):
     def _add_slot_output(
         self, result: torch.Tensor, x: torch.Tensor, slot: AdapterSlot
     ) -> torch.Tensor:
+        if slot.adapter_name in self.lora_magnitude_vector:
+            return dora.conv_output(self, result, x, slot)
         p = slot.dropout_p if self.training else 0.0
         A_conv, B_conv = slot.holders
         x_lora = x.to(slot.pair()[0].dtype)
