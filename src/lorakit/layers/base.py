@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import AdapterNameError, MergeError
 from ..ops.lora import lora_scale
 from ..ops.merge import MergeRecord, merge_delta, unmerge_delta
+from . import dora
 from .init import InitFunction, initialise
 from .routing import AdapterRouting, AdapterSlot, RowGroup
 
@@ -49,6 +50,9 @@ class LoraLayer(nn.Module):
         self.merge_records: dict[str, MergeRecord] = {}
         self.adapter_slots: dict[str, AdapterSlot] = {}
         self.active_slots: tuple[AdapterSlot, ...] = ()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA's m per adapter (`layers.dora`)
+        self.dora_norms = dora.RowNormCache()
+        self.dora_merge_factors: dict[str, torch.Tensor] = {}
         routing.attach(self)
 
     # --- what subclasses provide -------------------------------------------------------
@@ -129,9 +133,11 @@ class LoraLayer(nn.Module):
 
         `initialise_weights=False` leaves them as allocated, for a load that overwrites them.
         `low_cpu_mem_usage=True` allocates nothing: the tensors are created on the meta
-        device (uninitialised) for a load to replace with the file's tensors.
+        device (uninitialised) for a load to replace with the file's tensors. `use_dora`
+        adds DoRA's magnitude m, set to the row norms of W + s·B A (`layers.dora`).
         """
         if adapter_name in self.r:
+        use_dora: bool = False,
             raise AdapterNameError(f"Adapter {adapter_name!r} already exists in this layer.")
         dtype, device = self.adapter_dtype_and_device(autocast_adapter_dtype)
         if low_cpu_mem_usage:
@@ -152,6 +158,8 @@ class LoraLayer(nn.Module):
             self.unmerge([adapter_name])
         self._remove_adapter_tensors(adapter_name)
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p):
+        if use_dora:
+            dora.create_magnitude(self, adapter_name, dtype, device)
             del table[adapter_name]
         self.refresh_slots()
 
@@ -159,6 +167,8 @@ class LoraLayer(nn.Module):
     def pad_adapter_rank(self, adapter_name: str, target_rank: int) -> None:
         """Give an adapter rank `target_rank` by zero rows of A and zero columns of B.
 
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         B A, and so the layer's output, is unchanged (the zeros add nothing); the scale stays
         as it is. A and B become new parameters in their holders (an optimizer holding the
         old ones must be rebuilt).
@@ -195,6 +205,8 @@ class LoraLayer(nn.Module):
     # --- slots ---------------------------------------------------------------------------
     def refresh_slots(self) -> None:
         """Rebuild `adapter_slots` and `active_slots` from the adapters and the routing.
+        if adapter_name in self.lora_magnitude_vector:
+            dora.magnitude(self, adapter_name).requires_grad_(is_trainable)
 
         Called by the routing when its active adapters change and by every method here that
         changes what a forward must add; `active_slots` are the active adapters this layer
@@ -278,6 +290,15 @@ class LoraLayer(nn.Module):
             updated = self._add_slot_output(result[rows], x[rows], slot)
             result = result.index_copy(0, rows, updated)
         return result
+        dora_names = [
+            g.adapter_name for g in groups if g.adapter_name in self.lora_magnitude_vector
+        ]
+        if dora_names:
+            raise MergeError(
+                f"adapter_names routes rows to DoRA adapters {dora_names}; DoRA is not "
+                "supported in mixed-adapter batches (as in peft). Fix: run one adapter per "
+                "batch with set_adapter()."
+            )
 
     # --- merging -------------------------------------------------------------------------
     @torch.no_grad()
@@ -292,17 +313,29 @@ class LoraLayer(nn.Module):
 
         The sum is taken in fp32 and rounded into the base dtype once; the few entries that
         subtracting the delta would not restore are recorded (see `ops.merge`), unless
+        if adapter_name in self.lora_magnitude_vector:
+            n = dora.weight_norm_of(self, adapter_name)
+            return bool(torch.isfinite(dora.merged_dense(self, adapter_name, weight, n)).all())
         `keep_record` is False because the merge will never be undone.
         """
         weight = self.base_weight()
         for adapter_name in adapter_names:
             if adapter_name not in self.r or adapter_name in self.merged_adapters:
                 continue
-            record = merge_delta(weight, self.get_delta_weight(adapter_name), keep_record)
+            if adapter_name in norms:
+                record = dora.merge(self, adapter_name, norms[adapter_name], keep_record)
+            else:
+                record = merge_delta(weight, self.get_delta_weight(adapter_name), keep_record)
             if record is not None:
                 self.merge_records[adapter_name] = record
             self.merged_adapters.append(adapter_name)
         self.refresh_slots()
+        # DoRA's norms against the weight before this call merges anything (as peft does)
+        norms = {
+            name: dora.weight_norm_of(self, name)
+            for name in adapter_names
+            if name in self.lora_magnitude_vector and name not in self.merged_adapters
+        }
 
     def merged_module(self, adapter_names: list[str], requantize: bool = False) -> nn.Module:
         """Merge adapters for good and return the module that takes this wrapper's place.
@@ -334,7 +367,11 @@ class LoraLayer(nn.Module):
             if not is_last:
                 for later in self.merged_adapters[position:]:
                     self.merge_records.pop(later, None)
+        dora.check_unmerge_order(self, names)
             record = self.merge_records.pop(adapter_name, None)
-            unmerge_delta(weight, self.get_delta_weight(adapter_name), record)
+            if adapter_name in self.dora_merge_factors:
+                dora.unmerge(self, adapter_name, record)
+            else:
+                unmerge_delta(weight, self.get_delta_weight(adapter_name), record)
             self.merged_adapters.remove(adapter_name)
         self.refresh_slots()
