@@ -20,6 +20,7 @@ class LoraEmbedding(LoraLayer):
     apply to an embedding's input (it is a token index).
     """
 
+from . import dora
     init_table = EMBEDDING_INITS
 
     def __init__(self, base_layer: nn.Module, routing: AdapterRouting) -> None:
@@ -61,3 +62,5 @@ class LoraEmbedding(LoraLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self._adapter_pair(adapter_name)
         return delta_weight(A, B, self.scaling[adapter_name]).t()  # (num_embeddings, dim)
+        if slot.adapter_name in self.lora_magnitude_vector:
+            return dora.embedding_output(self, result, x, slot)
