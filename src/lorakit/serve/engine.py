@@ -446,6 +446,14 @@ class Engine:
             with self._model_lock:
                 self._scheduler.step(joined)
 
+    def _run_steps(self, steps: int) -> None:
+        """Run `steps` scheduler steps in this thread (no thread running; for tests)."""
+        for _ in range(steps):
+            with self._queue:
+                joined = self._scheduler.admit()
+            with self._model_lock:
+                self._scheduler.step(joined)
+
     def _run_inline(self, handles: Sequence[RequestHandle]) -> None:
         """Run scheduler steps in this thread until `handles` finish (no thread running)."""
         while not all(h.is_finished for h in handles):
@@ -483,6 +491,23 @@ class Engine:
         if not self.is_running:
             self._run_inline(handles)
         return [_completion(handle) for handle in handles]
+
+    def prompt_logits(
+        self, prompts: Sequence[Sequence[int]], adapters: Sequence[AdapterSpec] | None = None
+    ) -> list[torch.Tensor]:
+        """Logits (len, vocab) at every position of each prompt, in one mixed-batch forward.
+
+        Rows use their own adapter, blend or the base, as in generation (same banks, same
+        left padding); useful for scoring and for checking the engine against references.
+        """
+        specs = list(adapters) if adapters is not None else [None] * len(prompts)
+        if len(specs) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(specs)} adapters; give one each.")
+        checked = [self._check_prompt(p, SamplingParams(max_tokens=1)) for p in prompts]
+        with self._queue:
+            choices = [self._choice(spec) for spec in specs]
+        with self._model_lock:
+            return self._scheduler.prompt_logits(checked, choices)
 
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Token ids of `messages` through the tokenizer's chat template, ready to answer."""

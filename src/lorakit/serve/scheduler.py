@@ -131,16 +131,33 @@ class Scheduler:
             self._finish(self.waiting.popleft(), FINISH_CANCELLED)
         self._retire(list(self.running), FINISH_CANCELLED)
 
+    def _left_padded(
+        self, prompts: Sequence[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, mask, position ids), each (rows, longest prompt), prompts padded on the left."""
+        length = max(len(prompt) for prompt in prompts)
+        ids = torch.zeros(len(prompts), length, dtype=torch.long)
+        mask = torch.zeros(len(prompts), length, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, length - len(prompt) :] = torch.tensor(prompt)
+            mask[row, length - len(prompt) :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    @torch.inference_mode()
+    def prompt_logits(
+        self, prompts: Sequence[list[int]], choices: Sequence[RowChoice]
+    ) -> list[torch.Tensor]:
+        """Every position's logits (len, vocab) of each prompt, all in one mixed forward."""
+        ids, mask, positions = self._left_padded(prompts)
+        self.routing.set_rows(choices)
+        output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions)
+        length = ids.shape[1]
+        return [output.logits[row, length - len(p) :] for row, p in enumerate(prompts)]
+
     @torch.inference_mode()
     def _prefill(self, joined: list[Sequence_]) -> None:
-        length = max(len(s.prompt) for s in joined)
-        ids = torch.zeros(len(joined), length, dtype=torch.long)
-        mask = torch.zeros(len(joined), length, dtype=torch.long)
-        for row, sequence in enumerate(joined):
-            ids[row, length - len(sequence.prompt) :] = torch.tensor(sequence.prompt)
-            mask[row, length - len(sequence.prompt) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        ids, mask, positions = self._left_padded([s.prompt for s in joined])
         self.routing.set_rows([s.choice for s in joined])
         output = self._forward(ids, mask, positions, self._cache_class())
         self.batch.add_rows(self._output_cache(output), mask)
