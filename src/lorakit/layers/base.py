@@ -128,6 +128,7 @@ class LoraLayer(nn.Module):
         initialise_weights: bool = True,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
+        use_dora: bool = False,
     ) -> None:
         """Create the tensors of a new adapter in this layer and initialise them.
 
@@ -137,7 +138,6 @@ class LoraLayer(nn.Module):
         adds DoRA's magnitude m, set to the row norms of W + s·B A (`layers.dora`).
         """
         if adapter_name in self.r:
-        use_dora: bool = False,
             raise AdapterNameError(f"Adapter {adapter_name!r} already exists in this layer.")
         dtype, device = self.adapter_dtype_and_device(autocast_adapter_dtype)
         if low_cpu_mem_usage:
@@ -150,6 +150,8 @@ class LoraLayer(nn.Module):
         if initialise_weights:
             A, B = self._adapter_pair(adapter_name)
             initialise(self.init_table, A, B, r, init_lora_weights)
+        if use_dora:
+            dora.create_magnitude(self, adapter_name, dtype, device)
         self.refresh_slots()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -157,9 +159,9 @@ class LoraLayer(nn.Module):
         if adapter_name in self.merged_adapters:
             self.unmerge([adapter_name])
         self._remove_adapter_tensors(adapter_name)
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p):
-        if use_dora:
-            dora.create_magnitude(self, adapter_name, dtype, device)
             del table[adapter_name]
         self.refresh_slots()
 
@@ -167,8 +169,6 @@ class LoraLayer(nn.Module):
     def pad_adapter_rank(self, adapter_name: str, target_rank: int) -> None:
         """Give an adapter rank `target_rank` by zero rows of A and zero columns of B.
 
-        if adapter_name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[adapter_name]
         B A, and so the layer's output, is unchanged (the zeros add nothing); the scale stays
         as it is. A and B become new parameters in their holders (an optimizer holding the
         old ones must be rebuilt).
@@ -197,6 +197,8 @@ class LoraLayer(nn.Module):
     def set_adapter_trainable(self, adapter_name: str, is_trainable: bool) -> None:
         for tensor in self._adapter_pair(adapter_name):
             tensor.requires_grad_(is_trainable)
+        if adapter_name in self.lora_magnitude_vector:
+            dora.magnitude(self, adapter_name).requires_grad_(is_trainable)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -205,8 +207,6 @@ class LoraLayer(nn.Module):
     # --- slots ---------------------------------------------------------------------------
     def refresh_slots(self) -> None:
         """Rebuild `adapter_slots` and `active_slots` from the adapters and the routing.
-        if adapter_name in self.lora_magnitude_vector:
-            dora.magnitude(self, adapter_name).requires_grad_(is_trainable)
 
         Called by the routing when its active adapters change and by every method here that
         changes what a forward must add; `active_slots` are the active adapters this layer
@@ -282,14 +282,6 @@ class LoraLayer(nn.Module):
                 f"Adapters {self.merged_adapters} are merged into the base weights, so rows "
                 "cannot opt out of them; call unmerge_adapter() before a mixed-adapter batch."
             )
-        for group in groups:
-            if group.adapter_name not in self.scaling:
-                continue
-            rows = group.rows
-            slot = self.adapter_slots[group.adapter_name]
-            updated = self._add_slot_output(result[rows], x[rows], slot)
-            result = result.index_copy(0, rows, updated)
-        return result
         dora_names = [
             g.adapter_name for g in groups if g.adapter_name in self.lora_magnitude_vector
         ]
@@ -299,12 +291,23 @@ class LoraLayer(nn.Module):
                 "supported in mixed-adapter batches (as in peft). Fix: run one adapter per "
                 "batch with set_adapter()."
             )
+        for group in groups:
+            if group.adapter_name not in self.scaling:
+                continue
+            rows = group.rows
+            slot = self.adapter_slots[group.adapter_name]
+            updated = self._add_slot_output(result[rows], x[rows], slot)
+            result = result.index_copy(0, rows, updated)
+        return result
 
     # --- merging -------------------------------------------------------------------------
     @torch.no_grad()
     def merged_weight_is_finite(self, adapter_name: str) -> bool:
         """Whether merging `adapter_name` would leave the base weight free of NaN/inf."""
         weight = self.base_weight()
+        if adapter_name in self.lora_magnitude_vector:
+            n = dora.weight_norm_of(self, adapter_name)
+            return bool(torch.isfinite(dora.merged_dense(self, adapter_name, weight, n)).all())
         return bool(torch.isfinite(weight + self.get_delta_weight(adapter_name)).all())
 
     @torch.no_grad()
@@ -313,12 +316,15 @@ class LoraLayer(nn.Module):
 
         The sum is taken in fp32 and rounded into the base dtype once; the few entries that
         subtracting the delta would not restore are recorded (see `ops.merge`), unless
-        if adapter_name in self.lora_magnitude_vector:
-            n = dora.weight_norm_of(self, adapter_name)
-            return bool(torch.isfinite(dora.merged_dense(self, adapter_name, weight, n)).all())
         `keep_record` is False because the merge will never be undone.
         """
         weight = self.base_weight()
+        # DoRA's norms against the weight before this call merges anything (as peft does)
+        norms = {
+            name: dora.weight_norm_of(self, name)
+            for name in adapter_names
+            if name in self.lora_magnitude_vector and name not in self.merged_adapters
+        }
         for adapter_name in adapter_names:
             if adapter_name not in self.r or adapter_name in self.merged_adapters:
                 continue
@@ -330,12 +336,6 @@ class LoraLayer(nn.Module):
                 self.merge_records[adapter_name] = record
             self.merged_adapters.append(adapter_name)
         self.refresh_slots()
-        # DoRA's norms against the weight before this call merges anything (as peft does)
-        norms = {
-            name: dora.weight_norm_of(self, name)
-            for name in adapter_names
-            if name in self.lora_magnitude_vector and name not in self.merged_adapters
-        }
 
     def merged_module(self, adapter_names: list[str], requantize: bool = False) -> nn.Module:
         """Merge adapters for good and return the module that takes this wrapper's place.
@@ -359,6 +359,7 @@ class LoraLayer(nn.Module):
         """
         weight = self.base_weight()
         names = list(self.merged_adapters) if adapter_names is None else adapter_names
+        dora.check_unmerge_order(self, names)
         for adapter_name in reversed(self.merged_adapters.copy()):
             if adapter_name not in names:
                 continue
@@ -367,7 +368,6 @@ class LoraLayer(nn.Module):
             if not is_last:
                 for later in self.merged_adapters[position:]:
                     self.merge_records.pop(later, None)
-        dora.check_unmerge_order(self, names)
             record = self.merge_records.pop(adapter_name, None)
             if adapter_name in self.dora_merge_factors:
                 dora.unmerge(self, adapter_name, record)
