@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.lora import add_lora_embedding, delta_weight
+from . import dora
 from .base import LoraLayer
 from .init import EMBEDDING_INITS
 from .routing import AdapterRouting, AdapterSlot
@@ -20,7 +21,6 @@ class LoraEmbedding(LoraLayer):
     apply to an embedding's input (it is a token index).
     """
 
-from . import dora
     init_table = EMBEDDING_INITS
 
     def __init__(self, base_layer: nn.Module, routing: AdapterRouting) -> None:
@@ -56,11 +56,11 @@ from . import dora
     def _add_slot_output(
         self, result: torch.Tensor, x: torch.Tensor, slot: AdapterSlot
     ) -> torch.Tensor:
+        if slot.adapter_name in self.lora_magnitude_vector:
+            return dora.embedding_output(self, result, x, slot)
         A, B = slot.pair()
         return add_lora_embedding(result, x, A, B, slot.forward_scale())
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self._adapter_pair(adapter_name)
         return delta_weight(A, B, self.scaling[adapter_name]).t()  # (num_embeddings, dim)
-        if slot.adapter_name in self.lora_magnitude_vector:
-            return dora.embedding_output(self, result, x, slot)
