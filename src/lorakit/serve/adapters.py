@@ -62,6 +62,20 @@ class AdapterWeights:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def module_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a Linear, a 4-bit QuantLinear or a transformers Conv1D."""
+    in_features, out_features = (
+        getattr(module, "in_features", None),
+        getattr(module, "out_features", None),
+    )
+    if isinstance(in_features, int) and isinstance(out_features, int):
+        return in_features, out_features
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    if type(module).__name__ == "Conv1D" and isinstance(nx, int) and isinstance(nf, int):
+        return nx, nf
+    return None
+
+
 def _check_options(config: dict[str, Any], path: Path, task: str) -> None:
     for option, allowed in UNSERVED_OPTIONS.items():
         if config.get(option) not in allowed:
@@ -110,16 +124,35 @@ def _factors(
             )
         A = tensors[f"{MODEL_KEY_PREFIX}{path}.lora_A.weight"].float()
         B = tensors[f"{MODEL_KEY_PREFIX}{path}.lora_B.weight"].float()
-        if A.dim() != 2 or B.dim() != 2:
+        features = module_features(modules[path])
+        if features is None or A.dim() != 2 or B.dim() != 2:
+            raise ServeError(
+                f"The adapter adapts {path!r}, a {type(modules[path]).__name__}; the engine "
+                "serves LoRA on Linear, transformers Conv1D and 4-bit QuantLinear layers only. "
+                "Fix: merge the adapter with `lorakit merge` and serve the merged model."
+            )
+        if (A.shape[1], B.shape[0]) != features or A.shape[0] != B.shape[1]:
             raise ServeError(
                 f"The adapter's factors of {path!r} have shapes {tuple(A.shape)} and "
-                f"{tuple(B.shape)}: only Linear and Conv1D layers are served (2-D factors)."
+                f"{tuple(B.shape)}, which do not fit the base's layer (in, out) = {features}. "
+                "Fix: load the adapter into an engine built on the base it was trained on."
             )
         r = A.shape[0]
         alpha = pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
         scale = lora_scale(alpha, r, bool(config.get("use_rslora", False)))
         factors[path] = (A.to(device, dtype), (B * scale).to(device, dtype))
     return factors
+
+
+def _check_head(path: str, state: dict[str, torch.Tensor], module: nn.Module) -> None:
+    expected = {key: tuple(t.shape) for key, t in module.state_dict().items()}
+    got = {key: tuple(t.shape) for key, t in state.items()}
+    if got != expected:
+        raise ServeError(
+            f"The adapter saves the module {path!r} with tensors {got}, but the base's module "
+            f"has {expected}. Fix: load the adapter into an engine built on its own base (the "
+            "same number of labels)."
+        )
 
 
 def read_adapter(
@@ -164,6 +197,7 @@ def read_adapter(
             p.removeprefix(owner + "."): tensors[MODEL_KEY_PREFIX + p].to(device, dtype)
             for p in paths
         }
+        _check_head(owner, heads[owner], modules[owner])
     ranks = [A.shape[0] for A, _ in factors.values()]
     info = AdapterInfo(
         name=name,

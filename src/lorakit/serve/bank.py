@@ -14,21 +14,8 @@ import copy
 import torch
 from torch import nn
 
+from lorakit.serve.adapters import AdapterWeights, module_features
 from lorakit.serve.routing import BatchRouting, Layout
-
-
-def module_features(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) features of a Linear, a 4-bit QuantLinear or a transformers Conv1D."""
-    in_features, out_features = (
-        getattr(module, "in_features", None),
-        getattr(module, "out_features", None),
-    )
-    if isinstance(in_features, int) and isinstance(out_features, int):
-        return in_features, out_features
-    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
-    if type(module).__name__ == "Conv1D" and isinstance(nx, int) and isinstance(nf, int):
-        return nx, nf
-    return None
 
 
 class AdapterBank(nn.Module):
@@ -110,3 +97,46 @@ class HeadBank(nn.Module):
         name = self.routing.head_choice()
         module = self.copies[name] if name is not None and name in self.copies else None
         return (module or self.base_layer)(*args, **kwargs)
+
+
+class ModelBanks:
+    """The banks installed in one model, created on first use and kept (empty) after unloads.
+
+    Args:
+        modules: The model's modules by path, as before any bank was installed.
+        routing: The routing every bank reads.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], routing: BatchRouting) -> None:
+        self._modules = modules
+        self._routing = routing
+        self.layers: dict[str, AdapterBank] = {}
+        self.heads: dict[str, HeadBank] = {}
+
+    def add(self, weights: AdapterWeights) -> None:
+        """Put an adapter's factors and saved modules in the banks of the modules it adapts."""
+        name = weights.info.name
+        for path, (A, B) in weights.factors.items():
+            if path not in self.layers:
+                self.layers[path] = AdapterBank(self._modules[path], self._routing)
+                self._install(path, self.layers[path])
+            self.layers[path].add(name, A, B)
+        for path, state in weights.heads.items():
+            if path not in self.heads:
+                self.heads[path] = HeadBank(self._modules[path], self._routing)
+                self._install(path, self.heads[path])
+            self.heads[path].add(name, state)
+        self._routing.invalidate()
+
+    def remove(self, name: str) -> None:
+        """Take adapter `name` out of every bank."""
+        for bank in self.layers.values():
+            bank.remove(name)
+        for head in self.heads.values():
+            head.remove(name)
+        self._routing.invalidate()
+
+    def _install(self, path: str, module: nn.Module) -> None:
+        """Put `module` in the model at `path`, in place of the original module."""
+        parent_path, _, child = path.rpartition(".")
+        setattr(self._modules[parent_path], child, module)

@@ -15,7 +15,6 @@ between steps.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections import Counter
@@ -24,19 +23,21 @@ from typing import Any
 
 import torch
 
-from lorakit.errors import (
-    AdapterInUseError,
-    QueueFullError,
-    ServeError,
-    UnknownAdapterError,
-    closest_names,
-)
+from lorakit.errors import AdapterInUseError, QueueFullError, ServeError
 from lorakit.extras import import_optional
 from lorakit.serve.adapters import TASK_CAUSAL_LM, TASK_SEQ_CLS, AdapterWeights, read_adapter
-from lorakit.serve.bank import AdapterBank, HeadBank
+from lorakit.serve.bank import ModelBanks
 from lorakit.serve.detokenize import TextStream
 from lorakit.serve.handle import RequestHandle
 from lorakit.serve.loading import PURPOSE, eos_token_ids, load_base, max_positions, text_config
+from lorakit.serve.requests import (
+    RequestLimits,
+    check_limit,
+    check_loaded,
+    check_prompt,
+    collect_completion,
+    row_choice,
+)
 from lorakit.serve.routing import BatchRouting, RowChoice
 from lorakit.serve.sampling import request_generator
 from lorakit.serve.scheduler import Scheduler, Sequence_
@@ -47,7 +48,6 @@ from lorakit.serve.types import (
     Classification,
     Completion,
     SamplingParams,
-    check_limit,
 )
 
 
@@ -83,15 +83,18 @@ class Engine:
         self._task = task
         self.max_queue = max_queue
         self.max_prompt_tokens = max_prompt_tokens
-        self.max_new_tokens = max_new_tokens
         self._device = next(model.parameters()).device
         self._dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        self._vocab_size = int(text_config(model).vocab_size)
-        self._max_positions = max_positions(model)
+        self._limits = RequestLimits(
+            vocab_size=int(text_config(model).vocab_size),
+            max_prompt_tokens=max_prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            max_positions=max_positions(model),
+            has_tokenizer=tokenizer is not None,
+        )
         self._modules = dict(model.named_modules())
         self._routing = BatchRouting()
-        self._banks: dict[str, AdapterBank] = {}
-        self._heads: dict[str, HeadBank] = {}
+        self._banks = ModelBanks(self._modules, self._routing)
         self._adapters: dict[str, AdapterWeights] = {}
         self._unloading: set[str] = set()
         self._users: Counter[str] = Counter()
@@ -205,29 +208,9 @@ class Engine:
         with self._model_lock, self._queue:
             if name in self._adapters:
                 raise ServeError(f"An adapter named {name!r} was loaded meanwhile.")
-            for module_path, (A, B) in weights.factors.items():
-                self._bank(module_path).add(name, A, B)
-            for module_path, state in weights.heads.items():
-                self._head(module_path).add(name, state)
-            self._routing.invalidate()
+            self._banks.add(weights)
             self._adapters[name] = weights
         return weights.info
-
-    def _bank(self, path: str) -> AdapterBank:
-        if path not in self._banks:
-            self._banks[path] = AdapterBank(self._modules[path], self._routing)
-            self._replace(path, self._banks[path])
-        return self._banks[path]
-
-    def _head(self, path: str) -> HeadBank:
-        if path not in self._heads:
-            self._heads[path] = HeadBank(self._modules[path], self._routing)
-            self._replace(path, self._heads[path])
-        return self._heads[path]
-
-    def _replace(self, path: str, module: torch.nn.Module) -> None:
-        parent_path, _, child = path.rpartition(".")
-        setattr(self._modules[parent_path], child, module)
 
     def unload_adapter(self, name: str, wait: bool = True, timeout: float | None = None) -> None:
         """Remove adapter `name`; new requests for it are refused from now on.
@@ -245,7 +228,7 @@ class Engine:
                 scheduler thread is not running to finish them).
         """
         with self._queue:
-            self._check_loaded(name)
+            check_loaded(name, self._adapters, self._unloading)
             users = self._users[name]
             if users and (not wait or not self.is_running):
                 why = "wait=False" if not wait else "the engine is not started (call start())"
@@ -262,11 +245,7 @@ class Engine:
                     f"{timeout} s; it stays loaded. Fix: wait longer (timeout=None) or cancel them."
                 )
         with self._model_lock, self._queue:
-            for bank in self._banks.values():
-                bank.remove(name)
-            for head in self._heads.values():
-                head.remove(name)
-            self._routing.invalidate()
+            self._banks.remove(name)
             del self._adapters[name]
             self._unloading.discard(name)
 
@@ -278,44 +257,19 @@ class Engine:
     def adapter_bytes(self, name: str) -> int:
         """Bytes of the tensors the engine holds for adapter `name`."""
         with self._queue:
-            self._check_loaded(name)
+            check_loaded(name, self._adapters, self._unloading)
             return self._adapters[name].tensor_bytes
 
-    def _check_loaded(self, name: str) -> None:
-        if name not in self._adapters or name in self._unloading:
-            loaded = sorted(set(self._adapters) - self._unloading)
-            hint = closest_names(name, loaded)
-            raise UnknownAdapterError(
-                f"Adapter {name!r} is not loaded"
-                + (" (it is being unloaded)" if name in self._unloading else "")
-                + f". Loaded adapters: {loaded or 'none'}"
-                + (f"; did you mean {hint[0]!r}?" if hint else ".")
-                + f" Use {BASE_ADAPTER!r} or None for the base model."
-            )
+    def _row_choice(self, adapter: AdapterSpec) -> RowChoice:
+        return row_choice(adapter, self._adapters, self._unloading)
 
-    def _choice(self, adapter: AdapterSpec) -> RowChoice:
-        """The row choice for a request's adapter spec (checked)."""
-        if adapter is None or adapter == BASE_ADAPTER:
-            return ()
-        if isinstance(adapter, str):
-            self._check_loaded(adapter)
-            return ((adapter, 1.0),)
-        if not isinstance(adapter, Mapping) or not adapter:
-            raise ValueError(
-                f"adapter must be None, 'base', an adapter name or a non-empty blend "
-                f"{{name: weight}}; got {adapter!r}."
+    def _check_prompt(self, prompt: Sequence[int], sampling: SamplingParams) -> list[int]:
+        if self._task != TASK_CAUSAL_LM:
+            raise ServeError(
+                f"This engine's base is a {self._task} model: it classifies (Engine.classify) "
+                "and does not generate."
             )
-        choice = []
-        for name, weight in adapter.items():
-            if not isinstance(weight, int | float) or not math.isfinite(weight):
-                raise ValueError(
-                    f"Blend weight of {name!r} is {weight!r}; weights must be finite numbers."
-                )
-            if name == BASE_ADAPTER:
-                raise ValueError(f"A blend names adapters only; {BASE_ADAPTER!r} is the base.")
-            self._check_loaded(name)
-            choice.append((name, float(weight)))
-        return tuple(choice)
+        return check_prompt(prompt, sampling, self._limits)
 
     # Requests ---------------------------------------------------------------------------
 
@@ -343,7 +297,7 @@ class Engine:
         sampling = sampling if sampling is not None else SamplingParams()
         prompt = self._check_prompt(prompt_token_ids, sampling)
         with self._queue:
-            choice = self._choice(adapter)
+            choice = self._row_choice(adapter)
             if self._is_stopping:
                 raise ServeError("The engine is shutting down; it takes no new requests.")
             if len(self._scheduler.waiting) >= self.max_queue:
@@ -368,32 +322,6 @@ class Engine:
             self._users.update(sequence.adapter_names)
             self._queue.notify_all()
         return handle
-
-    def _check_prompt(self, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> list[int]:
-        if self._task != TASK_CAUSAL_LM:
-            raise ServeError(
-                f"This engine's base is a {self._task} model: it classifies (Engine.classify) "
-                "and does not generate."
-            )
-        prompt = [int(t) for t in prompt_token_ids]
-        if not prompt:
-            raise ValueError("The prompt is empty; give at least one token.")
-        outside = [t for t in prompt if not 0 <= t < self._vocab_size]
-        if outside:
-            raise ValueError(
-                f"Prompt token ids {outside[:5]} are outside the vocabulary "
-                f"[0, {self._vocab_size})."
-            )
-        if sampling.stop and self._tokenizer is None:
-            raise ValueError("Stop strings need a tokenizer; this engine was built without one.")
-        fix = "Fix: shorten the prompt or lower max_tokens."
-        check_limit(len(prompt), self.max_prompt_tokens, "The prompt's length", fix)
-        check_limit(sampling.max_tokens, self.max_new_tokens, "max_tokens", fix)
-        if self._max_positions is not None:
-            total = len(prompt) + sampling.max_tokens
-            what = "The prompt's length plus max_tokens"
-            check_limit(total, self._max_positions, what + " (the model's positions)", fix)
-        return prompt
 
     def _on_finish(self, sequence: Sequence_) -> None:
         with self._queue:
@@ -490,7 +418,7 @@ class Engine:
         ]
         if not self.is_running:
             self._run_inline(handles)
-        return [_completion(handle) for handle in handles]
+        return [collect_completion(handle) for handle in handles]
 
     def prompt_logits(
         self, prompts: Sequence[Sequence[int]], adapters: Sequence[AdapterSpec] | None = None
@@ -505,7 +433,7 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(specs)} adapters; give one each.")
         checked = [self._check_prompt(p, SamplingParams(max_tokens=1)) for p in prompts]
         with self._queue:
-            choices = [self._choice(spec) for spec in specs]
+            choices = [self._row_choice(spec) for spec in specs]
         with self._model_lock:
             return self._scheduler.prompt_logits(checked, choices)
 
@@ -523,7 +451,7 @@ class Engine:
         ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
         return [int(t) for t in ids]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def classify(self, texts: Sequence[str], adapter: str | None = None) -> list[Classification]:
         """Labels and per-label probabilities of `texts` under a classification adapter.
 
@@ -548,7 +476,7 @@ class Engine:
         inputs = {key: value.to(self._device) for key, value in encoded.items()}
         labels = text_config(self._model).id2label
         with self._queue:
-            choice = self._choice(adapter)
+            choice = self._row_choice(adapter)
             self._requests_total += len(texts)
             self._per_adapter_requests[adapter or BASE_ADAPTER] += len(texts)
         with self._model_lock:
@@ -575,22 +503,3 @@ class Engine:
                 "per_adapter_requests": dict(self._per_adapter_requests),
                 "adapters_loaded": len(self._adapters),
             }
-
-
-def _completion(handle: RequestHandle) -> Completion:
-    """Collect a finished request's events into a `Completion`."""
-    tokens, texts, logprobs = [], [], []
-    reason = ""
-    for event in handle:
-        if event.token_id >= 0:
-            tokens.append(event.token_id)
-            logprobs.append(event.logprob)
-        texts.append(event.text)
-        reason = event.finish_reason or reason
-    has_logprobs = bool(logprobs) and all(lp is not None for lp in logprobs)
-    return Completion(
-        text="".join(texts),
-        token_ids=tokens,
-        finish_reason=reason,
-        logprobs=[float(lp) for lp in logprobs if lp is not None] if has_logprobs else None,
-    )

@@ -144,7 +144,7 @@ class Scheduler:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prompt_logits(
         self, prompts: Sequence[list[int]], choices: Sequence[RowChoice]
     ) -> list[torch.Tensor]:
@@ -155,7 +155,7 @@ class Scheduler:
         length = ids.shape[1]
         return [output.logits[row, length - len(p) :] for row, p in enumerate(prompts)]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _prefill(self, joined: list[Sequence_]) -> None:
         ids, mask, positions = self._left_padded([s.prompt for s in joined])
         self.routing.set_rows([s.choice for s in joined])
@@ -164,7 +164,7 @@ class Scheduler:
         self.running += joined
         self._take_tokens(joined, output.logits[:, -1])
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _decode(self) -> None:
         last = torch.tensor([[s.generated[-1]] for s in self.running], device=self.device)
         self.routing.set_rows([s.choice for s in self.running])

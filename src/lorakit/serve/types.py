@@ -130,14 +130,6 @@ class Classification:
 AdapterSpec = str | dict[str, float] | None
 
 
-def check_limit(value: int, limit: int, what: str, fix: str) -> None:
-    """Raise `RequestTooLargeError` when `value` exceeds `limit`, naming both and the fix."""
-    from lorakit.errors import RequestTooLargeError
-
-    if value > limit:
-        raise RequestTooLargeError(f"{what} is {value}, over the engine's limit of {limit}. {fix}")
-
-
 __all__ = [
     "BASE_ADAPTER",
     "AdapterInfo",
