@@ -152,3 +152,51 @@ def tiny_sequence_classifier(model_type: str, num_labels: int = 3) -> torch.nn.M
     }
     config = configs[model_type]()
     return _seeded(lambda: transformers.AutoModelForSequenceClassification.from_config(config))
+
+
+def tiny_qwen3_moe() -> torch.nn.Module:
+    """Qwen3-MoE causal LM whose 4 experts per layer are 3-D parameters stored (E, out, in):
+    `mlp.experts.gate_up_proj` (4, 48, 32) and `mlp.experts.down_proj` (4, 32, 24).
+
+    The experts run transformers' "eager" loop (grouped_mm, the default, has no float64).
+    """
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        experts_implementation="eager",  # the per-expert loop: runs in float64 too
+    )
+    return _seeded(lambda: transformers.Qwen3MoeForCausalLM(config))
+
+
+def tiny_gpt_oss() -> torch.nn.Module:
+    """gpt-oss causal LM whose 4 experts per layer are 3-D parameters stored (E, in, out)
+    (`is_transposed`): `mlp.experts.gate_up_proj` (4, 32, 48), `down_proj` (4, 24, 32)."""
+    import transformers
+
+    config = transformers.GptOssConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        experts_implementation="eager",  # the per-expert loop: runs in float64 too
+    )
+    return _seeded(lambda: transformers.GptOssForCausalLM(config))

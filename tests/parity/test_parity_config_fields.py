@@ -51,6 +51,7 @@ CARRIED: dict[str, dict[str, Any]] = {
     "alpha_pattern": {"alpha_pattern": {"v_proj": 3}},
     "loftq_config": {"init_lora_weights": "loftq", "loftq_config": {"loftq_iter": 2}},
     "layer_replication": {"layer_replication": [[0, 2], [1, 2]]},
+    "target_parameters": {"target_parameters": ["mlp.up_proj.weight"]},
 }
 # Fields of PEFT features lorakit does not implement, each set to a value peft accepts.
 REFUSED: dict[str, Any] = {
@@ -68,7 +69,6 @@ REFUSED: dict[str, Any] = {
     "monteclora_config": peft.MontecloraConfig(),
     "runtime_config": peft.LoraRuntimeConfig(ephemeral_gpu_offload=True),
     "lora_bias": True,
-    "target_parameters": ["mlp.up_proj.weight"],
     "use_bdlora": peft.BdLoraConfig(),
     "arrow_config": peft.ArrowConfig(),
     "kasa_config": peft.KasaConfig(),
@@ -159,12 +159,6 @@ def test_refused_field_through_from_pretrained_config(tmp_path: Path) -> None:
     config = _peft_config(target_modules=["q_proj"], use_dora=True)
     with pytest.raises(ConfigError, match=r"use_dora=True"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path, config=config)
-
-
-def test_target_parameters_alone_does_not_fall_back_to_default_targets() -> None:
-    config = _peft_config(target_parameters=["mlp.up_proj.weight"])
-    with pytest.raises(ConfigError, match=r"target_parameters=\['mlp.up_proj.weight'\]"):
-        get_peft_model(tiny_llama(), config)
 
 
 def test_from_pretrained_config_follows_is_trainable_as_in_peft(tmp_path: Path) -> None:
