@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import (
     AdapterInUseError,
     AdapterNameError,
+    LorakitError,
     QueueFullError,
     RequestTooLargeError,
     ServeError,
@@ -49,6 +50,9 @@ STATUS_TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (RequestFieldError, 400, "invalid_request_error"),
     (AdapterFolderError, 400, "invalid_request_error"),
     (ValueError, 400, "invalid_request_error"),
+    # What remains of the engine's and lorakit's own errors: a request it cannot serve as
+    # asked (a base without a chat template, an adapter that does not fit the base).
+    (LorakitError, 400, "invalid_request_error"),
 )
 AUTH_TYPES = {401: "authentication_error", 403: "permission_error"}
 INTERNAL_ERROR = (500, "server_error")

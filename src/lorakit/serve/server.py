@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LorakitError
+from ..errors import AdapterNameError, LorakitError
 from ..extras import import_optional
 from .engine import Engine
 from .http_adapters import check_adapter_name, resolve_adapter_folder
@@ -37,6 +37,15 @@ from .types import BASE_ADAPTER
 logger = logging.getLogger(__name__)
 PURPOSE = "lorakit serve"
 MANAGEMENT_PREFIX = "/v1/adapters"
+ROUTE_PATHS = (
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/classifications",
+    MANAGEMENT_PREFIX,
+)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_GONE = 499  # the status nginx logs for a client that closed before the answer
 # Engine.task -> why the other task's routes refuse
@@ -203,6 +212,11 @@ class _Routes:
                 "loading adapters over HTTP is off: start the server with --adapters-root DIR",
                 403,
             )
+        if name in self.engine.adapters():
+            raise AdapterNameError(
+                f"an adapter named {name!r} is loaded already: DELETE /v1/adapters/{name} "
+                "first, or choose another name"
+            )
         folder = resolve_adapter_folder(self.options.adapters_root, relative)
         info = await asyncio.to_thread(self.engine.load_adapter, name, folder)
         return self.json(adapter_json(info))
@@ -221,6 +235,10 @@ class _Routes:
 
 def encode_prompt(engine: Engine, text: str) -> list[int]:
     """A text prompt's token ids, as `Engine.generate` encodes prompts."""
+    if engine.tokenizer is None:
+        raise RequestFieldError(
+            "this server has no tokenizer: send the prompt as a list of token ids", "prompt"
+        )
     ids: list[int] = engine.tokenizer(text)["input_ids"]
     return ids
 
@@ -283,6 +301,15 @@ async def _client_gone(request: Any) -> None:
         pass
 
 
+def _route_label(path: str) -> str:
+    """The route template of a path, for metric labels (a bounded set of values)."""
+    if path in ROUTE_PATHS:
+        return path
+    if path.startswith(MANAGEMENT_PREFIX + "/"):
+        return MANAGEMENT_PREFIX + "/{name}"
+    return "unmatched"
+
+
 class _Gate:
     """ASGI wrapper: checks the API key on every HTTP request and counts answers by route."""
 
@@ -308,8 +335,7 @@ class _Gate:
             else:
                 await self._refuse(scope, receive, counted_send)
         finally:
-            route = scope.get("route")
-            self._metrics.count(getattr(route, "path", "unmatched"), status["code"])
+            self._metrics.count(_route_label(scope["path"]), status["code"])
 
     def _is_authorized(self, scope: dict[str, Any]) -> bool:
         if self._api_key is None:
