@@ -310,3 +310,19 @@ def test_unmatched_name_and_a_layer_also_in_target_modules_are_refused() -> None
     with pytest.raises(TargetModuleError, match=r"also adapted as a layer"):
         get_peft_model(base, LoraConfig(**config))
     assert not any(isinstance(module, LoraLayer) for module in base.modules())
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_biases_train_and_save_as_peft_beside_gpt_oss_expert_biases(
+    bias: str, tmp_path: Path
+) -> None:
+    """gpt-oss' experts hold `gate_up_proj_bias` / `down_proj_bias`: not `.bias`, so with
+    peft neither bias mode trains them (a `*bias` suffix rule would train and not save them)."""
+    pair = _pair(tiny_gpt_oss, bias=bias)
+    assert trainable_names(pair.lorakit_model) == trainable_names(pair.peft_model)
+    assert not any("proj_bias" in name for name in trainable_names(pair.lorakit_model))
+    assert any(name.endswith(".bias") for name in trainable_names(pair.lorakit_model))
+    pair.peft_model.save_pretrained(tmp_path / "peft")
+    pair.lorakit_model.save_pretrained(tmp_path / "lorakit")
+    keys = [set(load_file(tmp_path / n / "adapter_model.safetensors")) for n in ("peft", "lorakit")]
+    assert keys[0] == keys[1]

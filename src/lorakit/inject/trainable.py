@@ -41,7 +41,8 @@ def refresh_trainable(
         if config.inference_mode or config.bias == "none":
             continue
         for key, parameter in model.named_parameters():
-            if not key.endswith("bias") or ".original_module." in f".{key}":
+            is_bias = key == "bias" or key.endswith(".bias")  # PEFT's rule: not `*_bias`
+            if not is_bias or ".original_module." in f".{key}":
                 continue
             if config.bias == "all" or ".base_layer." in f".{key}":
                 parameter.requires_grad_(True)
