@@ -326,3 +326,22 @@ def test_biases_train_and_save_as_peft_beside_gpt_oss_expert_biases(
     pair.lorakit_model.save_pretrained(tmp_path / "lorakit")
     keys = [set(load_file(tmp_path / n / "adapter_model.safetensors")) for n in ("peft", "lorakit")]
     assert keys[0] == keys[1]
+
+
+def test_bf16_experts_get_fp32_adapters_and_merging_changes_no_output_bit() -> None:
+    """On a bf16 stack the adapters stay fp32 and W + ΔW is summed in fp32 and rounded once,
+    in the forward as in the merge: merged and unmerged outputs are the same bits."""
+    base = tiny_qwen3_moe().to(torch.bfloat16)
+    config = LoraConfig(target_modules=[], target_parameters=EXPERTS, init_lora_weights=False)
+    model = get_peft_model(base, config)
+    experts = model.get_base_model().model.layers[0].mlp.experts
+    assert experts.lora_A["default"].weight.dtype == torch.float32
+    ids = token_batch(batch=2, length=9)
+    original = _expert_parameters(model)
+    adapted = run(model, ids)
+    model.merge_adapter()
+    assert torch.equal(run(model, ids), adapted)
+    model.unmerge_adapter()
+    assert all(torch.equal(value, original[n]) for n, value in _expert_parameters(model).items())
+    with model.disable_adapter():
+        assert changes_output(adapted.float(), run(model, ids).float())
