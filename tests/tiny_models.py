@@ -15,7 +15,7 @@ def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     return build().eval()
 
 
-def tiny_llama(vocab_size: int = 128) -> torch.nn.Module:
+def tiny_llama(vocab_size: int = 128, tie_word_embeddings: bool = False) -> torch.nn.Module:
     import transformers
 
     config = transformers.LlamaConfig(
@@ -26,6 +26,7 @@ def tiny_llama(vocab_size: int = 128) -> torch.nn.Module:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return _seeded(lambda: transformers.LlamaForCausalLM(config))
 

@@ -115,6 +115,16 @@ class LoraConfig(ConfigFilesMixin):
             it: a list of `[start, end)` ranges over the layer list (`[[0, 4], [2, 5]]` makes
             layers 0, 1, 2, 3, 2, 3, 4). Repeated layers share the base weights (nothing is
             copied) and each gets its own adapters. Such an adapter cannot be merged.
+        trainable_token_indices: Train only these rows of an embedding (e.g. new chat-template
+            tokens), the rest frozen: a list of token ids for the model's input embedding, or
+            a dict of module name (a path or its end) -> ids. Output layers tied to the input
+            embedding (`tie_word_embeddings`) get the same new rows. Saved as PEFT saves them
+            (`...token_adapter.trainable_tokens_delta`); `merge_and_unload` writes the rows
+            into the weight.
+        ensure_weight_tying: With `trainable_token_indices` naming both tied layers with
+            different ids, raise instead of training them apart. With an embedding in
+            `target_modules` or `modules_to_save` of a tied model it raises (tying those
+            adapters is not implemented); otherwise it changes nothing, as in PEFT.
         revision: Revision of the base model (kept for PEFT compatibility).
         target_parameters: Parameters to adapt that are not a layer's weight, such as the 3-D
             expert stacks of transformers' mixture-of-experts blocks
@@ -150,6 +160,8 @@ class LoraConfig(ConfigFilesMixin):
     revision: str | None = None
     target_parameters: list[str] | None = None
     layer_replication: list[list[int]] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         # Normalise copies of containers so the caller's objects are never shared or mutated.
@@ -169,6 +181,12 @@ class LoraConfig(ConfigFilesMixin):
             self.target_parameters = list(self.target_parameters)
         if self.layer_replication is not None:
             self.layer_replication = _layer_ranges(self.layer_replication)
+        if self.trainable_token_indices is not None:
+            self.trainable_token_indices = _token_ids(self.trainable_token_indices)
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise ConfigError(
+                f"ensure_weight_tying={self.ensure_weight_tying!r}: must be True or False."
+            )
         self.rank_pattern = dict(self.rank_pattern)
         self.alpha_pattern = dict(self.alpha_pattern)
         if isinstance(self.loftq_config, Mapping) and self.loftq_config:
@@ -334,7 +352,6 @@ UNSUPPORTED_PEFT_FIELDS: dict[str, tuple[object, str]] = {
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
     "arrow_config": (None, "Arrow routing among adapters"),
     "corda_config": (None, "CorDA initialisation"),
-    "ensure_weight_tying": (False, "tying adapters of tied weights"),
     "eva_config": (None, "EVA initialisation"),
     "kasa_config": (None, "KaSA"),
     "lora_bias": (False, "a trained bias on lora_B"),
@@ -344,7 +361,6 @@ UNSUPPORTED_PEFT_FIELDS: dict[str, tuple[object, str]] = {
     "monteclora_config": (None, "MonteCLoRA"),
     "qalora_group_size": (16, "QALoRA"),
     "runtime_config.ephemeral_gpu_offload": (False, "ephemeral GPU offload (used by DoRA)"),
-    "trainable_token_indices": (None, "trainable tokens"),
     "use_bdlora": (None, "block-diagonal LoRA (BD-LoRA)"),
     "use_qalora": (False, "QALoRA"),
     "velora_config": (None, "VeLoRA"),
@@ -393,6 +409,27 @@ def _layer_ranges(value: object) -> list[list[int]]:
             )
         ranges.append(list(pair))
     return ranges
+
+
+def _token_ids(value: object) -> list[int] | dict[str, list[int]]:
+    """`trainable_token_indices` copied (a list, or a dict of lists), checked."""
+
+    def ids(item: object) -> list[int]:
+        if isinstance(item, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in item
+        ):
+            return list(item)
+        raise ConfigError(
+            f"trainable_token_indices={value!r}: give token ids (non-negative ints) as a list, "
+            "e.g. [32000, 32001], or a dict of module name -> list, e.g. "
+            "{'embed_tokens': [32000]}."
+        )
+
+    if isinstance(value, Mapping):
+        if not all(isinstance(name, str) for name in value):
+            ids(None)  # raises with the value
+        return {name: ids(item) for name, item in value.items()}
+    return ids(value)
 
 
 def _is_set(value: object) -> bool:

@@ -27,6 +27,7 @@ from .inject.layer_init import apply_layer_init_injection
 from .inject.parameters import apply_parameter_injection, plan_parameter_injection
 from .inject.replication import layers_replicated
 from .inject.trainable import refresh_trainable
+from .inject.trainable_tokens import apply_trainable_tokens, plan_trainable_tokens
 from .io import AdapterMismatch, AdapterMismatchError, find_mismatches, load_adapter_files
 from .io.keys import describe_mismatch, display_name, lora_module_paths, remap_keys
 from .keywords import check_load_keywords, split_hub_options
@@ -91,6 +92,7 @@ def inject_adapter_in_model(
         config = _targets_from_state_dict(config, state_dict)
     with layers_replicated(model, config.layer_replication):  # undone if planning fails
         plan = plan_injection(model, config)
+        tokens = plan_trainable_tokens(model, config, plan)
         parameters = plan_parameter_injection(model, config, plan, configs)
     routing = _routing_of(model) or AdapterRouting(active_adapters=(adapter_name,))
     if not configs:
@@ -104,6 +106,7 @@ def inject_adapter_in_model(
     apply_parameter_injection(
         model, parameters, config, adapter_name, routing, low_cpu_mem_usage=low_cpu_mem_usage
     )
+    apply_trainable_tokens(model, tokens, adapter_name, routing)
     configs[adapter_name] = config
     setattr(model, PEFT_CONFIG_ATTRIBUTE, configs)
     refresh_trainable(model, iter_wrappers(model), configs, routing.active_adapters)

@@ -29,11 +29,14 @@ from .inject import (
 from .inject.layer_init import apply_layer_init_injection
 from .inject.parameters import apply_parameter_injection, plan_parameter_injection
 from .inject.replication import layers_replicated, replicated_map
+from .inject.surgery import Wrapper
 from .inject.trainable import refresh_trainable
+from .inject.trainable_tokens import apply_trainable_tokens, plan_trainable_tokens
 from .layers.base import LoraLayer
 from .layers.init import layer_init_name
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .layers.routing import AdapterRouting, batch_size_of, row_groups_for
+from .layers.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper
 from .lora_model import LoraModel
 from .model_controls import AdapterControlsMixin
 from .model_files import AdapterFilesMixin
@@ -59,7 +62,7 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
         self.base_model = LoraModel(model, self.routing)
         self.base_model.attach(self)
         self.peft_config: dict[str, LoraConfig] = {}
-        self._wrapper_cache: list[tuple[str, LoraLayer | ModulesToSaveWrapper]] | None = None
+        self._wrapper_cache: list[tuple[str, Wrapper]] | None = None
         model.requires_grad_(False)
         self.add_adapter(
             adapter_name,
@@ -188,6 +191,7 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
             plan = plan_injection(model, config)
             config.fan_in_fan_out = corrected_fan_in_fan_out(model, plan, config.fan_in_fan_out)
             parameters = plan_parameter_injection(model, config, plan, self.peft_config)
+            tokens = plan_trainable_tokens(model, config, plan)
         if config.init_lora_weights == "loftq" and init_weights and not low_cpu_mem_usage:
             from .inject.loftq import apply_loftq_injection  # imports lorakit.quant
 
@@ -219,6 +223,7 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
             autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage,
         )
+        apply_trainable_tokens(model, tokens, adapter_name, self.routing)
         self._wrappers_changed()
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
@@ -264,6 +269,7 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
         """Run the bare base model inside the block; merged adapters are unmerged meanwhile."""
         merged = {key: list(layer.merged_adapters) for key, layer in self._lora_layers()}
         merged = {key: names for key, names in merged.items() if names}
+        merged_tokens = [(layer, list(layer.merged_adapters)) for layer in self._token_layers()]
         if merged:
             logger.warning("Unmerging adapters while they are disabled; they merge back after.")
             self.unmerge_adapter()
@@ -276,6 +282,8 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
             layers = dict(self._lora_layers())
             for key, names in merged.items():
                 layers[key].merge(names)
+            for token_layer, names in merged_tokens:
+                token_layer.merge(names)
 
     def add_weighted_adapter(
         self,
@@ -320,6 +328,8 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
         names, layers = self._checked_merge(adapter_names, safe_merge, in_place=True)
         for _, layer in layers:
             layer.merge(names)
+        for token_layer in self._token_layers():
+            token_layer.merge(names)
 
     def _checked_merge(
         self, adapter_names: Sequence[str] | None, safe_merge: bool, in_place: bool
@@ -346,12 +356,16 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
                             f"Merging adapter {name!r} into {key!r} would produce NaN/inf; "
                             "nothing was merged. Check the adapter weights."
                         )
+            for token_layer in self._token_layers():
+                token_layer.check_finite(names)
         return names, layers
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights."""
         for _, layer in self._lora_layers():
             layer.unmerge()
+        for token_layer in self._token_layers():
+            token_layer.unmerge()
 
     def merge_and_unload(
         self,
@@ -374,6 +388,8 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
         for key, layer in _progress(layers, progressbar, "Unloading and merging model"):
             # never unmerged: no records are kept
             replace_module(model, key, layer.merged_module(names, requantize))
+        for token_layer in self._token_layers():
+            token_layer.merge(names)  # the rows go into the weight; the wrapper is dropped
         self._wrappers_changed()
         return unwrap_model(model, keep_trained_heads=True)
 
@@ -423,7 +439,12 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
             if isinstance(wrapper, LoraLayer):
                 yield key, wrapper
 
-    def _wrappers(self) -> list[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
+    def _token_layers(self) -> list[TrainableTokensLayer]:
+        """The trainable-token layers (`trainable_token_indices`), embeddings before tied ones."""
+        wrappers = [w for _, w in self._wrappers() if isinstance(w, TrainableTokensWrapper)]
+        return [w.token_adapter for w in sorted(wrappers, key=lambda w: w.is_tied)]
+
+    def _wrappers(self) -> list[tuple[str, Wrapper]]:
         """Every lorakit wrapper, cached until the set of wrappers changes."""
         if self._wrapper_cache is None:
             self._wrapper_cache = list(iter_wrappers(self.get_base_model()))

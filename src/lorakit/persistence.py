@@ -71,9 +71,13 @@ def adapter_tensors_of(
     selected: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:
         config = configs[name]
+        # As in PEFT, trainable tokens exist to keep the file small: "auto" then saves the
+        # embeddings only for a resized vocabulary, never because an embedding is targeted.
+        uses_tokens = config.trainable_token_indices is not None
+        is_auto_with_tokens = uses_tokens and save_embedding_layers == "auto"
         prefixes = embedding_prefixes_to_save(
             save_embedding_layers,
-            target_modules=config.target_modules,
+            target_modules=None if is_auto_with_tokens else config.target_modules,
             embedding_paths=embedding_paths,
             model_state_keys=state.keys(),
             is_vocab_resized=_is_vocab_resized(base, config),

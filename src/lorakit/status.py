@@ -18,10 +18,12 @@ from torch import nn
 from .config import PEFT_TYPE
 from .errors import AdapterStateError
 from .inject import iter_wrappers
+from .inject.surgery import Wrapper
 from .layers.base import LoraLayer
 from .layers.bnb import LoraBnbLinear4bit
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .layers.packed import LoraPackedLinear
+from .layers.trainable_tokens import TrainableTokensWrapper
 
 IRREGULAR: Final = "irregular"
 Irregular = Literal["irregular"]
@@ -164,11 +166,15 @@ def _adapter_root(model: nn.Module) -> nn.Module:
     return model.base_model if isinstance(model, PeftModel) else model
 
 
-def _layer_status(name: str, module: LoraLayer | ModulesToSaveWrapper) -> TunerLayerStatus:
+def _layer_status(name: str, module: Wrapper) -> TunerLayerStatus:
     routing = module.routing
     held = module.adapter_names
     tensors = {adapter_name: list(_adapter_tensors(module, adapter_name)) for adapter_name in held}
-    if isinstance(module, LoraLayer):
+    if isinstance(module, TrainableTokensWrapper):  # PEFT lists its inner layer
+        name = f"{name}.token_adapter"
+        active = [adapter_name for adapter_name in routing.active_adapters if adapter_name in held]
+        merged = list(module.token_adapter.merged_adapters)
+    elif isinstance(module, LoraLayer):
         active = list(routing.active_adapters)
         merged = list(module.merged_adapters)
     else:  # a head copy acts only for the active adapters that have one; it never merges
@@ -189,24 +195,26 @@ def _layer_status(name: str, module: LoraLayer | ModulesToSaveWrapper) -> TunerL
     )
 
 
-def _adapter_tensors(
-    module: LoraLayer | ModulesToSaveWrapper, adapter_name: str
-) -> Iterator[torch.Tensor]:
-    if isinstance(module, LoraLayer):
+def _adapter_tensors(module: Wrapper, adapter_name: str) -> Iterator[torch.Tensor]:
+    if isinstance(module, TrainableTokensWrapper):
+        yield module.token_adapter.tables[adapter_name]
+    elif isinstance(module, LoraLayer):
         yield from module._adapter_pair(adapter_name)
     else:
         yield from module.modules_to_save[adapter_name].parameters()
 
 
-def _module_type(module: LoraLayer | ModulesToSaveWrapper) -> str:
+def _module_type(module: Wrapper) -> str:
     """PEFT's name for the layer: `lora.<base type>`, with transformers' Conv1D as `Linear`."""
+    if isinstance(module, TrainableTokensWrapper):
+        return "TrainableTokensLayer"
     if isinstance(module, ModulesToSaveWrapper):
         return type(module).__name__
     base_type = type(module.base_layer).__name__
     return f"lora.{'Linear' if base_type == 'Conv1D' else base_type}"
 
 
-def _quantization_backend(module: LoraLayer | ModulesToSaveWrapper) -> str | None:
+def _quantization_backend(module: Wrapper) -> str | None:
     if isinstance(module, LoraBnbLinear4bit):
         return BNB_4BIT_BACKEND
     if isinstance(module, LoraPackedLinear):

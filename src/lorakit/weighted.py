@@ -50,6 +50,12 @@ def add_weighted_adapter(
             "parameters (target_parameters): their A and B hold one block per expert (PEFT "
             "refuses them too). Fix: combine adapters without target_parameters."
         )
+    uses_tokens = [n for n in adapters if model.peft_config[n].trainable_token_indices is not None]
+    if uses_tokens:
+        raise ConfigError(
+            f"add_weighted_adapter cannot combine adapters {uses_tokens}, which train token "
+            "rows (trainable_token_indices). Fix: combine adapters without them."
+        )
     if any(model.peft_config[name].modules_to_save for name in adapters):
         raise ConfigError(
             "add_weighted_adapter cannot combine adapters that train whole modules "

@@ -51,13 +51,14 @@ CARRIED: dict[str, dict[str, Any]] = {
     "alpha_pattern": {"alpha_pattern": {"v_proj": 3}},
     "loftq_config": {"init_lora_weights": "loftq", "loftq_config": {"loftq_iter": 2}},
     "layer_replication": {"layer_replication": [[0, 2], [1, 2]]},
+    "trainable_token_indices": {"trainable_token_indices": [0, 1]},
+    "ensure_weight_tying": {"ensure_weight_tying": True},  # no tied weights: a warning only
     "target_parameters": {"target_parameters": ["mlp.up_proj.weight"]},
 }
 # Fields of PEFT features lorakit does not implement, each set to a value peft accepts.
 REFUSED: dict[str, Any] = {
     "megatron_config": {"num_layers": 2},
     "megatron_core": "my.megatron",
-    "trainable_token_indices": [0, 1],
     "eva_config": peft.EvaConfig(),
     "corda_config": CordaConfig(),
     "lora_ga_config": peft.LoraGAConfig(),
@@ -72,7 +73,6 @@ REFUSED: dict[str, Any] = {
     "use_bdlora": peft.BdLoraConfig(),
     "arrow_config": peft.ArrowConfig(),
     "kasa_config": peft.KasaConfig(),
-    "ensure_weight_tying": True,
 }
 # peft's bookkeeping: which library version wrote the file, and its auto class.
 BOOKKEEPING = {"peft_type", "peft_version", "auto_mapping"}

@@ -24,6 +24,7 @@ from ..layers.registry import (
     lora_layer_class_for,
     supported_type_names,
 )
+from ..layers.trainable_tokens import TrainableTokensWrapper
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str,
     for name, child in model.named_children():
         key = f"{prefix}{name}"
         yield key, child
-        if not isinstance(child, (LoraLayer, ModulesToSaveWrapper)):
+        if not isinstance(child, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
             yield from iter_base_modules(child, key + ".")
 
 

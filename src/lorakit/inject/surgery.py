@@ -12,9 +12,10 @@ from ..config import LoraConfig
 from ..layers.base import LoraLayer
 from ..layers.modules_to_save import ModulesToSaveWrapper
 from ..layers.routing import AdapterRouting
+from ..layers.trainable_tokens import TrainableTokensWrapper
 from .matching import InjectionPlan
 
-Wrapper = LoraLayer | ModulesToSaveWrapper
+Wrapper = LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper
 
 
 def _parent_and_name(model: nn.Module, key: str) -> tuple[nn.Module, str]:
@@ -114,7 +115,7 @@ def _add_to_targets(
 def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
     """Yield every lorakit wrapper in the model with its path."""
     for key, module in model.named_modules():
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
             yield key, module
 
 

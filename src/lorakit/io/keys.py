@@ -15,6 +15,8 @@ Rules PEFT follows and lorakit reproduces (checked against `peft` in tests/io):
 - `bias="all"`: every tensor whose key ends in `bias` is saved too, with PEFT's textual
   name removal, which also writes a copy of each saved head's bias (`P.modules_to_save.bias`).
 - `bias="lora_only"`: the `base_layer.bias` of every LoRA-wrapped module.
+- Trainable tokens at path P: `P.token_adapter.trainable_tokens_delta.<name>` is saved as
+  `P.token_adapter.trainable_tokens_delta` (a tied output layer saves nothing of its own).
 - Embedding layers, when saved (see `embedding_prefixes_to_save`), go in under their own keys.
 """
 
@@ -37,6 +39,7 @@ BIAS_MODES: tuple[str, ...] = ("none", "all", "lora_only")
 MODEL_KEY_PREFIX = "base_model.model."
 MODULES_TO_SAVE = "modules_to_save"
 LORA_MAGNITUDE = "lora_magnitude_vector"
+TOKENS_DELTA = "trainable_tokens_delta"
 ADAPTER_CONTAINERS: tuple[str, ...] = (
     "lora_A",
     "lora_B",
@@ -44,6 +47,7 @@ ADAPTER_CONTAINERS: tuple[str, ...] = (
     "lora_embedding_B",
     LORA_MAGNITUDE,
     MODULES_TO_SAVE,
+    TOKENS_DELTA,
 )
 # Module names PEFT treats as embeddings when deciding whether to save them.
 EMBEDDING_LAYER_NAMES: tuple[str, ...] = ("embed_tokens", "lm_head")
@@ -454,6 +458,6 @@ def lora_module_paths(state_keys: Iterable[str]) -> list[str]:
     paths: dict[str, None] = {}
     for key in state_keys:
         parsed = _split_adapter_key(key)
-        if parsed is not None and parsed.container != MODULES_TO_SAVE:
+        if parsed is not None and parsed.container not in (MODULES_TO_SAVE, TOKENS_DELTA):
             paths[parsed.module.removeprefix(MODEL_KEY_PREFIX)] = None
     return list(paths)
