@@ -217,6 +217,9 @@ def test_several_adapters_switch_disable_delete_and_unload_as_peft() -> None:
         assert_forward_matches_peft(run(model, ids), peft_model, ids)
     with model.disable_adapter():
         assert torch.equal(run(model, ids), base_output)
+    model.base_model.set_adapter(["default", "other"])  # both act: W + ΔW_default + ΔW_other
+    peft_model.base_model.set_adapter(["default", "other"])
+    assert_forward_matches_peft(run(model, ids), peft_model, ids)
 
     model.delete_adapter("default")
     peft_model.delete_adapter("default")
