@@ -106,6 +106,12 @@ def save_adapter(
 
 
 @pytest.fixture(scope="session")
+def serve_tokenizer() -> Any:
+    """`build_serve_tokenizer()`, built once."""
+    return build_serve_tokenizer()
+
+
+@pytest.fixture(scope="session")
 def served_folders(tmp_path_factory: pytest.TempPathFactory) -> ServedFolders:
     """The tiny Llama, its tokenizer and the ADAPTERS, saved once per session."""
     root = tmp_path_factory.mktemp("served")
