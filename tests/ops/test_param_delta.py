@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.ops.param_delta import add_delta, parameter_delta, parameter_features
+from lorakit.ops.param_delta import (
+    add_delta,
+    pad_expert_factors,
+    parameter_delta,
+    parameter_features,
+)
 
 EXACT = 1e-10  # float64 hand computation: only summation order differs
 E, R, IN, OUT = 3, 2, 5, 4
@@ -71,3 +76,13 @@ def test_half_precision_factors_give_an_fp32_delta_and_one_rounding(dtype: torch
     assert torch.allclose(delta.double(), exact, atol=1e-5, rtol=0)  # fp32 products of halves
     W = torch.randn(E, OUT, IN).to(dtype)
     assert torch.equal(add_delta(W, delta), (W.float() + delta).to(dtype))
+
+
+def test_padding_each_experts_rank_leaves_every_delta_unchanged() -> None:
+    A, B = _factors()
+    padded_A, padded_B = pad_expert_factors(A, B, E, 4)
+    assert padded_A.shape == (E * 4, IN) and padded_B.shape == (OUT, 4 * E)
+    shape = torch.Size([E, OUT, IN])
+    delta = parameter_delta(padded_A, padded_B, 1.5, shape, is_transposed=False)
+    assert torch.allclose(delta, _hand_delta(A, B, 1.5), atol=EXACT, rtol=0)
+    assert torch.equal(padded_A.reshape(E, 4, IN)[:, R:], torch.zeros(E, 4 - R, IN).double())

@@ -348,3 +348,35 @@ def test_bf16_experts_get_fp32_adapters_and_merging_changes_no_output_bit() -> N
     assert all(torch.equal(value, original[n]) for n, value in _expert_parameters(model).items())
     with model.disable_adapter():
         assert changes_output(adapted.float(), run(model, ids).float())
+
+
+def test_compiled_hotswap_padding_keeps_outputs_and_the_file_loads_in_peft(
+    tmp_path: Path,
+) -> None:
+    pair = _pair(tiny_qwen3_moe)
+    model = pair.lorakit_model
+    ids = token_batch(batch=2, length=9)
+    adapted = run(model, ids)
+    lorakit.prepare_model_for_compiled_hotswap(model, target_rank=5)
+    experts = model.get_base_model().model.layers[0].mlp.experts
+    assert experts.r["default"] == 5 and tuple(experts.lora_A["default"].weight.shape) == (20, 24)
+    assert max_abs_diff(run(model, ids), adapted) <= FORWARD_TOL
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(tiny_qwen3_moe(), tmp_path)
+    assert max_abs_diff(run(loaded, ids), adapted) <= FORWARD_TOL
+
+
+def test_one_dimensional_parameter_and_inject_from_a_state_dict_are_refused() -> None:
+    base = tiny_gpt_oss()
+    config = LoraConfig(target_modules=["q_proj"], target_parameters=["mlp.router.bias"])
+    with pytest.raises(TargetModuleError, match=r"'model.layers.0.mlp.router.bias' of shape"):
+        get_peft_model(base, config)
+    assert not any(isinstance(module, LoraLayer) for module in base.modules())
+    state_dict = get_peft_model(
+        tiny_qwen3_moe(), LoraConfig(target_modules=["q_proj"])
+    ).state_dict()
+    config = LoraConfig(target_modules=[], target_parameters=EXPERTS)
+    with pytest.raises(ConfigError, match=r"state_dict=\.\.\.\) with target_parameters"):
+        lorakit.inject_adapter_in_model(config, tiny_qwen3_moe(), state_dict=state_dict)

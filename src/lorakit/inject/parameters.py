@@ -89,12 +89,18 @@ def plan_parameter_injection(
     targets = []
     candidates: list[str] = []
     for module_key, module in _iter_modules(model):
-        for parameter_name, _ in _own_parameters(module):
+        for parameter_name, parameter in _own_parameters(module):
             key = f"{module_key}.{parameter_name}" if module_key else parameter_name
             candidates.append(key)
             if not any(key == name or key.endswith(f".{name}") for name in names):
                 continue
             _check_holder(key, module_key, module, module_target_keys, saved)
+            if parameter.dim() not in (2, 3):
+                raise TargetModuleError(
+                    f"target_parameters matches {key!r} of shape {tuple(parameter.shape)}; "
+                    "LoRA adapts 2-D weights and 3-D stacks of experts only. Fix: name only "
+                    "those in target_parameters."
+                )
             r = int(pattern_value(config.rank_pattern, key, config.r))
             alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
             targets.append(ParameterTarget(module_key, parameter_name, r, alpha))

@@ -26,7 +26,12 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import TargetModuleError, UnsupportedOptionError
-from ..ops.param_delta import add_delta, parameter_delta, parameter_features
+from ..ops.param_delta import (
+    add_delta,
+    pad_expert_factors,
+    parameter_delta,
+    parameter_features,
+)
 from .base import LoraLayer
 from .init import LINEAR_INITS
 from .linear import AdapterLinear
@@ -112,13 +117,23 @@ class LoraParameter(LoraLayer):
     ) -> tuple[tuple[nn.Module, nn.Module], tuple[str, str]]:
         return (self.lora_A[adapter_name], self.lora_B[adapter_name]), ("weight", "weight")
 
+    @torch.no_grad()
     def pad_adapter_rank(self, adapter_name: str, target_rank: int) -> None:
-        """Refused: A and B hold r rows/columns per expert, so padding is not one zero block."""
-        raise UnsupportedOptionError(
-            f"Padding the rank of adapter {adapter_name!r} on parameter "
-            f"{self.parameter_name!r} (target_parameters) is not implemented. Fix: hotswap "
-            "files of the same rank, or skip prepare_model_for_compiled_hotswap."
-        )
+        """Give an adapter rank `target_rank` per expert by zeros (`ops.param_delta`); ΔW and
+        the scale are unchanged, A and B become new parameters (rebuild optimizers)."""
+        r = self.r[adapter_name]
+        assert target_rank >= r, "callers check that no adapter would shrink"
+        A, B = self._adapter_pair(adapter_name)
+        padded = pad_expert_factors(A, B, self.num_experts, target_rank)
+        A_holder, B_holder = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        assert isinstance(A_holder, AdapterLinear) and isinstance(B_holder, AdapterLinear)
+        for holder, value in zip((A_holder, B_holder), padded, strict=True):
+            old = holder._parameters["weight"]
+            assert old is not None
+            holder._parameters["weight"] = nn.Parameter(value, requires_grad=old.requires_grad)
+        A_holder.out_features = B_holder.in_features = target_rank * self.num_experts
+        self.r[adapter_name] = target_rank
+        self.refresh_slots()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW in the parameter's shape (fp32 for half-precision adapters)."""

@@ -42,6 +42,22 @@ def expert_factors(
     return A_e, B_e
 
 
+def pad_expert_factors(
+    A: torch.Tensor, B: torch.Tensor, num_experts: int, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B of rank r per expert as rank `rank` >= r, every ΔW[e] unchanged.
+
+    Each expert's block of A gets zero rows at its end; B's new columns (ranks r..rank-1 of
+    every expert, being rank-major) all go at its end, as zeros.
+    """
+    A_e = A.reshape(num_experts, -1, A.shape[-1])  # (E, r, in)
+    padded_A = A.new_zeros(num_experts, rank, A.shape[-1])
+    padded_A[:, : A_e.shape[1]] = A_e
+    padded_B = B.new_zeros(B.shape[0], rank * num_experts)  # (out, rank·E)
+    padded_B[:, : B.shape[1]] = B
+    return padded_A.reshape(num_experts * rank, A.shape[-1]), padded_B
+
+
 def parameter_delta(
     A: torch.Tensor,
     B: torch.Tensor,
