@@ -17,6 +17,10 @@ from .functional import (
     load_peft_weights,
     set_peft_model_state_dict,
 )
+from .init_configs import CordaConfig, EvaConfig
+from .init_data.corda import preprocess_corda
+from .init_data.eva import get_eva_state_dict
+from .init_data.eva_load import initialize_lora_eva_weights
 from .model import LoraModel, PeftModel, get_peft_model
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .task_models import (
@@ -45,6 +49,8 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "CordaConfig",
+    "EvaConfig",
     "LoftQConfig",
     "LoraConfig",
     "LoraModel",
@@ -59,15 +65,18 @@ __all__ = [
     "TunerLayerStatus",
     "TunerModelStatus",
     "cast_mixed_precision_params",
+    "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "hotswap_adapter",
+    "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "load_peft_weights",
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
+    "preprocess_corda",
     "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
 ]

@@ -16,10 +16,19 @@ from typing import Any, Literal, Protocol, TypeAlias
 
 from .config_files import ConfigFilesMixin
 from .errors import ConfigError
+from .init_configs import CordaConfig, EvaConfig, drop_unused_sub_configs, parse_sub_config
 
 BiasMode = Literal["none", "all", "lora_only"]
 BIAS_MODES: tuple[str, ...] = ("none", "all", "lora_only")
-INIT_NAMES: tuple[str, ...] = ("gaussian", "loftq", "pissa", "olora", "orthogonal")
+INIT_NAMES: tuple[str, ...] = (
+    "gaussian",
+    "loftq",
+    "pissa",
+    "olora",
+    "orthogonal",
+    "eva",
+    "corda",
+)
 PISSA_NITER_PATTERN = re.compile(r"pissa_niter_(\d+)")  # randomized SVD, N subspace iterations
 PEFT_TYPE = "LORA"
 
@@ -101,7 +110,11 @@ class LoraConfig(ConfigFilesMixin):
             to nn.Linear and Conv1D layers. A saved file with them loads as the plain LoRA it
             holds: the base is not changed on load; `save_pretrained(...,
             path_initial_model_for_weight_conversion=...)` writes a PiSSA/OLoRA adapter as a
-            rank-2r LoRA for the original base.
+            rank-2r LoRA for the original base. "eva": data-driven, B zero until
+            `initialize_lora_eva_weights` sets A (and the ranks) from the layers' inputs (see
+            `eva_config`); "corda": A and B from the decomposition `preprocess_corda` made
+            of W and its inputs' covariance, W replaced by its residual (see `corda_config`;
+            nn.Linear and Conv1D; converted on save like PiSSA).
         fan_in_fan_out: The base stores its weight as (in, out), as transformers' Conv1D.
             Each layer's own type decides this, as in PEFT: a value that contradicts a newly
             wrapped layer (True on nn.Linear, False on Conv1D) is corrected with a warning,
@@ -110,6 +123,9 @@ class LoraConfig(ConfigFilesMixin):
         base_model_name_or_path: Where the base model comes from (saved with the adapter).
         inference_mode: Adapter weights do not train.
         loftq_config: Options for `init_lora_weights="loftq"`.
+        eva_config: An `EvaConfig`, for `init_lora_weights="eva"` only (its defaults if None).
+        corda_config: A `CordaConfig`, for `init_lora_weights="corda"` only (its defaults if
+            None).
         use_dora: DoRA; not implemented, must stay False.
         layer_replication: Build a deeper model from the base's decoder layers before adapting
             it: a list of `[start, end)` ranges over the layer list (`[[0, 4], [2, 5]]` makes
@@ -156,6 +172,8 @@ class LoraConfig(ConfigFilesMixin):
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
     loftq_config: LoftQConfig | dict[str, Any] = field(default_factory=dict)
+    eva_config: EvaConfig | None = None
+    corda_config: CordaConfig | None = None
     use_dora: bool = False
     revision: str | None = None
     target_parameters: list[str] | None = None
@@ -193,6 +211,12 @@ class LoraConfig(ConfigFilesMixin):
             self.loftq_config = LoftQConfig(**self.loftq_config)
         if self.task_type is not None:
             self.task_type = _parse_task_type(self.task_type)
+        self.eva_config = parse_sub_config("eva_config", self.eva_config, EvaConfig)
+        self.corda_config = parse_sub_config("corda_config", self.corda_config, CordaConfig)
+        if self.init_lora_weights == "eva" and self.eva_config is None:
+            self.eva_config = EvaConfig()
+        if self.init_lora_weights == "corda" and self.corda_config is None:
+            self.corda_config = CordaConfig()
         self._validate()
 
     def _validate(self) -> None:
@@ -210,8 +234,15 @@ class LoraConfig(ConfigFilesMixin):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r}: allowed values are True, False, "
                 "'gaussian', 'loftq', 'pissa', 'pissa_niter_<N>' (N an int, e.g. "
-                "'pissa_niter_4'), 'olora', 'orthogonal'."
+                "'pissa_niter_4'), 'olora', 'orthogonal', 'eva', 'corda'."
             )
+        for name, owner in (("eva_config", "eva"), ("corda_config", "corda")):
+            if getattr(self, name) is not None and owner != self.init_lora_weights:
+                raise ConfigError(
+                    f"{name} with init_lora_weights={self.init_lora_weights!r}: {name} is read "
+                    f"only by init_lora_weights={owner!r}, so it would be ignored. Fix: set "
+                    f"init_lora_weights={owner!r}, or leave out {name}."
+                )
         if init == "orthogonal" and any(
             isinstance(rank, int) and rank % 2 for rank in (self.r, *self.rank_pattern.values())
         ):
@@ -285,7 +316,7 @@ class LoraConfig(ConfigFilesMixin):
             value = getattr(self, item.name)
             if isinstance(value, TaskType):
                 value = value.value
-            elif isinstance(value, LoftQConfig):
+            elif isinstance(value, (LoftQConfig, EvaConfig, CordaConfig)):
                 value = dataclasses.asdict(value)
             elif isinstance(value, (list, dict)):
                 value = type(value)(value)
@@ -312,6 +343,7 @@ class LoraConfig(ConfigFilesMixin):
                 f"peft_type={peft_type!r}: lorakit loads LoRA adapters only (peft_type 'LORA')."
             )
         known = {item.name for item in dataclasses.fields(cls)}
+        data = drop_unused_sub_configs(data)
         for key, value in data.items():
             if key not in known and key not in _PEFT_BOOKKEEPING:
                 _refuse_if_set(key, value)
@@ -351,8 +383,6 @@ _PEFT_BOOKKEEPING = frozenset({"peft_type", "peft_version", "auto_mapping"})
 UNSUPPORTED_PEFT_FIELDS: dict[str, tuple[object, str]] = {
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
     "arrow_config": (None, "Arrow routing among adapters"),
-    "corda_config": (None, "CorDA initialisation"),
-    "eva_config": (None, "EVA initialisation"),
     "kasa_config": (None, "KaSA"),
     "lora_bias": (False, "a trained bias on lora_B"),
     "lora_ga_config": (None, "LoRA-GA initialisation"),

@@ -1,7 +1,7 @@
-"""Saving a PiSSA / OLoRA adapter as a plain LoRA for the ORIGINAL base (PEFT's
+"""Saving a PiSSA / OLoRA / CorDA adapter as a plain LoRA for the ORIGINAL base (PEFT's
 `save_pretrained(..., path_initial_model_for_weight_conversion=...)`).
 
-PiSSA and OLoRA start from W_res = W - s·B0·A0, so the trained adapter only makes sense on
+PiSSA, OLoRA and CorDA start from W_res = W - s·B0·A0, so the trained adapter only makes sense on
 the residual base. Given the adapter saved right after initialisation (A0, B0), the trained
 model W_res + s·B·A equals W + s·(B·A - B0·A0): a rank-2r LoRA with A' = [A ; A0] and
 B' = [B | -B0] (`ops.init_svd.mutated_init_delta`) at the same scale, so r and lora_alpha
@@ -39,6 +39,7 @@ def converted_config(config: LoraConfig) -> LoraConfig:
     return dataclasses.replace(
         config,
         init_lora_weights=True,
+        corda_config=None,  # it configured the initialisation only
         r=2 * config.r,
         lora_alpha=alpha_factor * config.lora_alpha,
         rank_pattern={key: 2 * rank for key, rank in config.rank_pattern.items()},
@@ -51,7 +52,7 @@ def _check_convertible(config: LoraConfig, adapter_name: str) -> None:
     if layer_init_name(option) not in BASE_CHANGING_INITS:
         raise UnsupportedOptionError(
             f"save_pretrained(path_initial_model_for_weight_conversion=...) converts an adapter "
-            f"initialised with 'pissa', 'pissa_niter_N' or 'olora'; {adapter_name!r} has "
+            f"initialised with 'pissa', 'pissa_niter_N', 'olora' or 'corda'; {adapter_name!r} has "
             f"init_lora_weights={option!r}, whose base was not changed. Fix: save it without "
             "path_initial_model_for_weight_conversion."
         )

@@ -50,6 +50,11 @@ CARRIED: dict[str, dict[str, Any]] = {
     "rank_pattern": {"rank_pattern": {"v_proj": 2}},
     "alpha_pattern": {"alpha_pattern": {"v_proj": 3}},
     "loftq_config": {"init_lora_weights": "loftq", "loftq_config": {"loftq_iter": 2}},
+    "eva_config": {"init_lora_weights": "eva", "eva_config": peft.EvaConfig(rho=1.5, whiten=True)},
+    "corda_config": {
+        "init_lora_weights": "corda",
+        "corda_config": CordaConfig(corda_method="kpm", prune_temporary_fields=False),
+    },
     "layer_replication": {"layer_replication": [[0, 2], [1, 2]]},
     "trainable_token_indices": {"trainable_token_indices": [0, 1]},
     "ensure_weight_tying": {"ensure_weight_tying": True},  # no tied weights: a warning only
@@ -59,8 +64,6 @@ CARRIED: dict[str, dict[str, Any]] = {
 REFUSED: dict[str, Any] = {
     "megatron_config": {"num_layers": 2},
     "megatron_core": "my.megatron",
-    "eva_config": peft.EvaConfig(),
-    "corda_config": CordaConfig(),
     "lora_ga_config": peft.LoraGAConfig(),
     "use_dora": True,
     "velora_config": peft.VeloraConfig(),
@@ -109,6 +112,16 @@ def test_carried_field_matches_peft(name: str) -> None:
         converted = LoraConfig.from_config(peft_config)
         assert converted.loftq_config == lorakit.LoftQConfig(loftq_bits=4, loftq_iter=2)
         assert converted.init_lora_weights == "loftq"
+        return
+    if options.get("init_lora_weights") == "corda":
+        # CorDA's layers need preprocess_corda first (tests/parity/test_parity_eva_corda.py)
+        expected_corda = _comparable(_peft_config(**options).corda_config)
+        assert _comparable(LoraConfig.from_config(_peft_config(**options)).corda_config) == (
+            expected_corda
+        )
+        assert _comparable(
+            LoraConfig.from_dict(_peft_config(**options).to_dict()).corda_config
+        ) == (expected_corda)
         return
     base = tiny_llama()
     torch.manual_seed(0)

@@ -1,10 +1,11 @@
-"""Surgery for the inits that read each layer: "pissa", "pissa_niter_N", "olora", "orthogonal".
+"""Surgery for the inits that read each layer: "pissa", "pissa_niter_N", "olora", "orthogonal",
+"corda".
 
 `PeftModel.add_adapter` calls `apply_layer_init_injection` instead of `apply_injection` when a
 new adapter asks for one of them (and its weights are to be initialised). Every target is
 checked before the model changes; then the adapter is added uninitialised and each layer is
-set by `layers.init.initialise_from_layer` (PiSSA and OLoRA also replace the base weight by
-its residual, so the model's output is unchanged).
+set by `layers.init.initialise_from_layer` (PiSSA, OLoRA and CorDA also replace the base
+weight by its residual, so the model's output is unchanged).
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import ConfigError, UnsupportedModuleError
 from ..layers.base import LoraLayer
-from ..layers.init import BASE_CHANGING_INITS, initialise_from_layer, layer_init_name
+from ..layers.init import (
+    BASE_CHANGING_INITS,
+    CORDA_EIGENS_ATTRIBUTE,
+    initialise_from_layer,
+    layer_init_name,
+)
 from ..layers.linear import LoraLinear
 from ..layers.routing import AdapterRouting
 from .matching import InjectionPlan
@@ -41,7 +47,8 @@ def check_layer_init_targets(model: nn.Module, plan: InjectionPlan, config: Lora
         UnsupportedModuleError: a target is not a `torch.nn.Linear` or transformers
             `Conv1D` (PEFT implements these inits for linear layers only), or, for PiSSA and
             OLoRA, its weight is not a dense floating tensor (a 4-bit base).
-        ConfigError: a target's rank is odd with "orthogonal".
+        ConfigError: a target's rank is odd with "orthogonal", or, with "corda", its base
+            holds no triplets of that rank from `preprocess_corda`.
     """
     option = config.init_lora_weights
     name = layer_init_name(option)
@@ -70,6 +77,40 @@ def check_layer_init_targets(model: nn.Module, plan: InjectionPlan, config: Lora
                 f"init_lora_weights='orthogonal' needs an even rank; {target.key!r} gets "
                 f"r={target.r}. Fix: use an even r (and even rank_pattern values)."
             )
+        if name == "corda":
+            _check_corda_eigens(base, target.key, target.r)
+
+
+def _check_corda_eigens(base: nn.Module, key: str, r: int) -> None:
+    """The triplets `preprocess_corda` left on `base` fit its (out, in) weight and rank r."""
+    eigens = getattr(base, CORDA_EIGENS_ATTRIBUTE, None)
+    fix = (
+        "Fix: run lorakit.preprocess_corda(model, config, run_model) with this config on "
+        "this model right before get_peft_model."
+    )
+    if eigens is None:
+        raise ConfigError(f"init_lora_weights='corda': {key!r} has no CorDA triplets. {fix}")
+    weight = base.weight
+    assert isinstance(weight, torch.Tensor), "a linear base (checked above)"
+    shape = tuple(weight.shape)
+    out_features, in_features = shape[::-1] if _is_conv1d(base) else shape
+    expected = {"S_WC": (r,), "U_WC": (out_features, r), "V_WC": (in_features, r)}
+    for field, shape in expected.items():
+        tensor = getattr(eigens, field, None)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            found = None if tensor is None else tuple(getattr(tensor, "shape", ()))
+            raise ConfigError(
+                f"init_lora_weights='corda': {key!r} has {field} of shape {found}, expected "
+                f"{shape} for r={r} (another rank or model, or a stale cache_file?). {fix}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ConfigError(
+                f"init_lora_weights='corda': {key!r} has non-finite values in {field}. {fix}"
+            )
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
 
 
 def apply_layer_init_injection(
