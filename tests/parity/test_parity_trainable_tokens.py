@@ -310,3 +310,30 @@ def test_layer_status_lists_the_token_layers_like_peft() -> None:
 
     assert summary(ours) == summary(theirs)
     assert ("model.lm_head.token_adapter", "TrainableTokensLayer", ["default"]) in summary(ours)
+
+
+def _vocab_sized_copies(model: nn.Module, weight: torch.Tensor, ids: torch.Tensor) -> int:
+    """How many (V, d) or (d, V) tensors not stored in the weight autograd keeps for backward."""
+    saved: list[torch.Tensor] = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(ids, labels=ids)
+    storage = weight.untyped_storage().data_ptr()
+    return sum(
+        sorted(t.shape) == sorted(weight.shape) and t.untyped_storage().data_ptr() != storage
+        for t in saved
+    )
+
+
+def test_no_copy_of_the_embedding_is_kept_for_backward() -> None:
+    theirs, ours = _pair()
+    ids = token_batch()
+    weight = ours.get_base_model().model.embed_tokens.original_module.weight
+    assert _vocab_sized_copies(ours, weight, ids) == 0
+    # peft builds W with the rows replaced each forward; its tied head keeps that copy
+    peft_weight = theirs.get_base_model().model.embed_tokens.token_adapter.base_layer.weight
+    assert _vocab_sized_copies(theirs, peft_weight, ids) >= 1
