@@ -7,7 +7,10 @@ for blends, against the engine in this process; errors against OpenAI's shapes a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -372,6 +375,24 @@ def test_a_client_that_disconnects_mid_stream_is_dropped(server: ServerProcess) 
     assert server.metric("lorakit_generated_tokens_total") - tokens < MAX_TOKENS
     ok = server.client().completions.create(model="sql", prompt=PROMPT, max_tokens=2)
     assert ok.usage.completion_tokens == 2
+
+
+def test_the_openai_example_of_the_docs_runs(server: ServerProcess) -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    [example] = re.findall(r"```python title=client.py\n(.*?)```", text, flags=re.DOTALL)
+    assert 'base_url="http://127.0.0.1:8000/v1", api_key="KEY"' in example
+    example = example.replace("http://127.0.0.1:8000", server.url).replace('"KEY"', repr(API_KEY))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(example, "docs/serving.md", "exec"), {"__name__": "docs"})
+    client = server.client()
+    sql = client.completions.create(model="sql", prompt=PROMPT, max_tokens=16, temperature=0)
+    blend = {"lorakit": {"blend": {"sql": 0.7, "polite": 0.5}}}
+    blended = client.completions.create(
+        model="base", prompt=PROMPT, max_tokens=16, temperature=0, extra_body=blend
+    )
+    assert printed.getvalue().startswith(f"{sql.choices[0].text} 16\n")
+    assert printed.getvalue().endswith(f"{blended.choices[0].text}\n")
 
 
 # Last in this module: it stops the module's server (xdist runs a module's tests in order).
