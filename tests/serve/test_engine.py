@@ -288,3 +288,19 @@ def test_chat_prompt_uses_the_tokenizer_template() -> None:
     engine.tokenizer.chat_template = None
     with pytest.raises(ServeError, match="no chat template"):
         engine.chat_prompt(messages)
+
+
+def test_a_layer_replication_adapter_is_refused(tmp_path: Path) -> None:
+    engine = _engine()
+    # layers swapped: the file's keys name base layers, yet layer 0's adapter belongs to layer 1
+    swapped = save_adapter(
+        byte_llama,
+        tmp_path / "swap",
+        3,
+        r=4,
+        target_modules=["q_proj"],
+        layer_replication=[[1, 2], [0, 1]],
+    )
+    with pytest.raises(ServeError, match=r"layer_replication=\[\[1, 2\], \[0, 1\]\], which the"):
+        engine.load_adapter("swap", swapped)
+    assert sorted(engine.adapters()) == []

@@ -36,6 +36,7 @@ UNSERVED_OPTIONS: dict[str, tuple[object, ...]] = {
     "use_dora": (False, None),
     "lora_bias": (False, None),
     "trainable_token_indices": (None,),
+    "layer_replication": (None,),  # the file's layer paths name the replicated layers
     "bias": ("none", None),
 }
 
