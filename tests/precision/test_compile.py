@@ -8,6 +8,7 @@ without inductor's C++ build, which takes ~20 s on this CPU (inductor gave the s
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -187,10 +188,99 @@ def test_conv_adapters_switch_under_one_graph() -> None:
     assert graphs == 1
 
 
-def test_embedding_adapters_compile_one_graph_per_adapter() -> None:
-    """PEFT's keys put embedding tables straight in ParameterDicts keyed by adapter name, so
-    the name is how a forward finds them: dynamo guards on it."""
-    model = _two_adapters(tiny_llama(), ["embed_tokens", "q_proj"])
+def _embedding_model() -> lorakit.PeftModel:
+    return _two_adapters(tiny_llama(), ["embed_tokens", "q_proj"])
+
+
+EMBED_PATH = "base_model.model.model.embed_tokens"
+
+
+def test_embedding_adapters_switch_under_one_graph_with_peft_keys() -> None:
+    """PEFT's keys put embedding tables straight in ParameterDicts keyed by adapter name; a
+    forward reads each through its adapter's module under one name, so no name is guarded."""
+    peft = pytest.importorskip("peft")
+    model = _embedding_model()
+    assert isinstance(model.get_submodule(EMBED_PATH), lorakit.layers.LoraEmbedding)
+    options = {"r": 4, "target_modules": ["embed_tokens", "q_proj"], "init_lora_weights": False}
+    reference = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**options))
+    reference.add_adapter("other", peft.LoraConfig(**options))
+    ours = [key for key in model.state_dict() if "lora_embedding" in key]
+    assert ours == [key for key in reference.state_dict() if "lora_embedding" in key]
+    assert f"{EMBED_PATH}.lora_embedding_A.other" in ours
+    assert [name for name, _ in model.named_parameters() if "lora_embedding" in name] == ours
     graphs, worst = _graphs_over_switches(model, {"input_ids": token_batch()})
     assert worst <= COMPILE_TOL
-    assert graphs == 2
+    assert graphs == 1
+    assert counters["frames"]["total"] == 1
+
+
+def test_switching_trains_the_active_embedding_adapter_under_one_graph() -> None:
+    eager = _embedding_model().train()
+    compiled_source = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_source, backend=BACKEND)
+    x = token_batch()
+    for name in ("default", "other", "default"):
+        for model in (eager, compiled_source):
+            model.set_adapter(name)
+            model.zero_grad(set_to_none=True)
+        eager(input_ids=x, labels=x).loss.backward()
+        compiled(input_ids=x, labels=x).loss.backward()
+        eager_grads = {k: p.grad for k, p in eager.named_parameters() if p.grad is not None}
+        compiled_grads = {
+            k: p.grad for k, p in compiled_source.named_parameters() if p.grad is not None
+        }
+        assert eager_grads.keys() == compiled_grads.keys()
+        assert f"{EMBED_PATH}.lora_embedding_A.{name}" in eager_grads
+        assert all(key.endswith(name) or f".{name}." in key for key in eager_grads)
+        for key, grad in eager_grads.items():
+            assert (compiled_grads[key] - grad).abs().max().item() <= COMPILE_TOL, key
+    assert _compiled_graphs() == 1
+
+
+def _mirrors_hold_the_tables(layer: torch.nn.Module) -> bool:
+    return all(
+        tables.mirror(name)._parameters["weight"] is tables[name]
+        for tables in (layer.lora_embedding_A, layer.lora_embedding_B)
+        for name in ("default", "other")
+    )
+
+
+def test_replaced_and_copied_embedding_tables_are_what_a_forward_reads() -> None:
+    """Tables replaced in their ParameterDict (a load with assign=True), and a deep copy's or
+    an unpickled model's tables, are the ones the forward reads (eager and compiled forwards
+    read the same per-adapter modules): compared with a model given the values in place."""
+    model = _embedding_model().eval()
+    x = token_batch()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        new = {
+            key: torch.randn(value.shape, generator=generator)
+            for key, value in model.state_dict().items()
+            if "lora_embedding" in key
+        }
+        model.load_state_dict(new, strict=False, assign=True)
+        layer = model.get_submodule(EMBED_PATH)
+        replaced = layer.lora_embedding_A["default"]
+        assert replaced.data_ptr() == new[f"{EMBED_PATH}.lora_embedding_A.default"].data_ptr()
+        oracle = _embedding_model().eval()
+        for key, value in new.items():
+            oracle.get_parameter(key).copy_(value)
+        copied = copy.deepcopy(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        unpickled = torch.load(buffer, weights_only=False)
+        for each in (model, copied, unpickled):
+            assert _mirrors_hold_the_tables(each.get_submodule(EMBED_PATH))
+        for other in (copied, unpickled):
+            assert other.get_parameter(f"{EMBED_PATH}.lora_embedding_A.default") is not replaced
+        for name in ("default", "other"):
+            for each in (model, oracle, copied, unpickled):
+                each.set_adapter(name)
+            expected = oracle(input_ids=x).logits
+            for each in (model, copied, unpickled):
+                assert (each(input_ids=x).logits - expected).abs().max().item() <= COMPILE_TOL
+        layer.lora_embedding_B["other"].zero_()  # the copies keep their own tables
+        assert (copied(input_ids=x).logits - model(input_ids=x).logits).abs().max() > 1e-3
+        del layer.lora_embedding_A["other"]
+        assert "other" not in layer.lora_embedding_A._parameters.mirrors

@@ -2,9 +2,9 @@
 
 A wrapper keeps the original module as `base_layer` and never subclasses it, so `unload()`
 hands back the very objects of the base model. Subclasses supply the math of their layer
-type through a few methods: `_create_adapter`, `_adapter_pair`, `_adapter_holders`,
-`_add_slot_output` and `get_delta_weight`; merging only reads and writes the base's dense
-weight.
+type through a few methods: `_create_adapter`, `_adapter_pair`, `_adapter_holders`
+(`_slot_holders` where a forward reads A and B elsewhere), `_add_slot_output` and
+`get_delta_weight`; merging only reads and writes the base's dense weight.
 
 A forward reads `active_slots`, the acting adapters resolved into `AdapterSlot`s (see
 `layers.routing`), which the layer rebuilds whenever they can change: the routing's active
@@ -73,6 +73,14 @@ class LoraLayer(nn.Module):
     ) -> tuple[tuple[nn.Module, nn.Module], tuple[str, str]]:
         """The modules whose `_parameters` hold A and B, and the names they hold them under."""
         raise NotImplementedError
+
+    def _slot_holders(
+        self, adapter_name: str
+    ) -> tuple[tuple[nn.Module, nn.Module], tuple[str, str]]:
+        """Where a forward reads A and B (`AdapterSlot.holders` / `keys`): by default the
+        holders themselves; a layer whose holders key A and B by adapter name gives holders
+        that use one name for every adapter, so that a compiled forward guards on no name."""
+        return self._adapter_holders(adapter_name)
 
     def _add_slot_output(
         self, result: torch.Tensor, x: torch.Tensor, slot: AdapterSlot
@@ -222,7 +230,7 @@ class LoraLayer(nn.Module):
 
     def _new_slot(self, adapter_name: str, old: AdapterSlot | None) -> AdapterSlot:
         """The slot of an adapter: `old` itself when nothing in it would change."""
-        holders, keys = self._adapter_holders(adapter_name)
+        holders, keys = self._slot_holders(adapter_name)
         scale = self.scaling[adapter_name]
         device = self._adapter_pair(adapter_name)[0].device
         device = torch.device("cpu") if device.type == "meta" else device

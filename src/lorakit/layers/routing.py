@@ -44,9 +44,9 @@ class AdapterSlot:
     Attributes:
         adapter_name: The adapter's name (for bookkeeping; a forward never branches on it).
         holders: The modules whose `_parameters` hold A and B.
-        keys: The names of A and B in their holders (`"weight"` for linear and conv
-            adapters; the adapter name for an embedding's `ParameterDict`, which therefore
-            compiles one graph per adapter).
+        keys: The names of A and B in their holders: `"weight"` for every layer type
+            (an embedding's adapters are read through one module per adapter that holds
+            its entry of PEFT's `ParameterDict`, see `layers.embedding`).
         scale: s as a Python number (eager forward: a matmul's `alpha`).
         scale_tensor: s as a 0-dim fp32 tensor (compiled forward: a graph input, not a
             guarded constant).
