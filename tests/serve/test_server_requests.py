@@ -7,13 +7,8 @@ from typing import Any
 import pytest
 
 from lorakit.serve.http_errors import RequestFieldError, error_payload
-from lorakit.serve.openai_api import (
-    chat_logprobs,
-    completion_logprobs,
-    parse_chat,
-    parse_completion,
-    parse_json,
-)
+from lorakit.serve.http_generation import chat_logprobs, completion_logprobs
+from lorakit.serve.openai_api import parse_chat, parse_completion, parse_json
 from lorakit.serve.types import SamplingParams, TokenEvent
 
 

@@ -1,4 +1,4 @@
-"""Adapter folders a client may load over HTTP: only safetensors folders inside the adapters root.
+"""Adapter management over HTTP: the request bodies, and the folders a client may load.
 
 `POST /v1/adapters` names a folder relative to the root given at start-up (``--adapters-root``).
 A client must not reach anything else on the server's disk, and must not make it unpickle a
@@ -10,9 +10,12 @@ followed, it and the files lorakit reads lie inside the root, it holds
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from pathlib import Path, PurePosixPath
+from typing import Any
 
-from .http_errors import AdapterFolderError
+from .http_errors import AdapterFolderError, RequestFieldError
+from .types import BASE_ADAPTER
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -108,3 +111,31 @@ def _inside(real_root: Path, path: Path, shown: str) -> Path:
 def _folders(real_root: Path) -> list[str]:
     """The root's top-level folders, for error messages."""
     return sorted(path.name for path in real_root.iterdir() if path.is_dir())[:20]
+
+
+def adapter_json(info: Any) -> dict[str, Any]:
+    """An `AdapterInfo` as JSON, with OpenAI's `id` and `object` fields."""
+    return {"id": info.name, "object": "adapter", **asdict(info)}
+
+
+def parse_load(body: dict[str, Any]) -> tuple[str, str]:
+    """`POST /v1/adapters`'s {"name", "path"} (path relative to the adapters root)."""
+    if set(body) != {"name", "path"} or not all(isinstance(body[k], str) for k in body):
+        raise RequestFieldError(
+            'POST /v1/adapters takes {"name": NAME, "path": FOLDER}, FOLDER relative to the '
+            f"adapters root; got the fields {sorted(body)}"
+        )
+    if body["name"] == BASE_ADAPTER:
+        raise RequestFieldError(f"{BASE_ADAPTER!r} names the base; choose another name", "name")
+    return check_adapter_name(body["name"]), body["path"]
+
+
+def parse_wait(query: dict[str, str]) -> bool:
+    """`DELETE /v1/adapters/{name}`'s ``?wait=true|false`` (default true)."""
+    unknown = sorted(set(query) - {"wait"})
+    value = query.get("wait", "true")
+    if unknown or value not in ("true", "false"):
+        raise RequestFieldError(
+            f"DELETE /v1/adapters/NAME takes only ?wait=true|false; got {query}", "wait"
+        )
+    return value == "true"

@@ -9,14 +9,14 @@ the engine's batch at its next step, so nothing is left running for a client tha
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .handle import RequestHandle
-from .openai_api import SSE_DONE, chat_logprobs, completion_logprobs, envelope, sse, usage
 from .types import TokenEvent
 
 COMPLETION = "text_completion"
@@ -129,3 +129,66 @@ def _chunk_choice(reply: Reply, event: TokenEvent, offset: int) -> dict[str, Any
 
 def _ids(reply: Reply) -> tuple[str, int, str]:
     return reply.request_id, reply.created, reply.model
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's `usage` object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_logprobs(events: Sequence[TokenEvent], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions `logprobs` object: each token's text, logprob and text offset."""
+    tokens = [event for event in events if event.token_id >= 0]
+    offsets, position = [], offset
+    for event in tokens:
+        offsets.append(position)
+        position += len(event.text)
+    return {
+        "tokens": [event.text for event in tokens],
+        "token_logprobs": [event.logprob for event in tokens],
+        "top_logprobs": None,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(events: Sequence[TokenEvent]) -> dict[str, Any]:
+    """The chat `logprobs` object: each token's text, its UTF-8 bytes and logprob."""
+    return {
+        "content": [
+            {
+                "token": event.text,
+                "logprob": event.logprob,
+                "bytes": list(event.text.encode("utf-8")),
+                "top_logprobs": [],
+            }
+            for event in events
+            if event.token_id >= 0
+        ],
+        "refusal": None,
+    }
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")
+
+
+def envelope(
+    kind: str, request_id: str, created: int, model: str, choice: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A response or chunk: `kind` is its OpenAI object type, e.g. "chat.completion.chunk"."""
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": [] if choice is None else [{"index": 0, **choice}],
+    }

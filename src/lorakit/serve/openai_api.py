@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .http_errors import RequestFieldError
-from .types import BASE_ADAPTER, AdapterSpec, SamplingParams, TokenEvent
+from .types import BASE_ADAPTER, AdapterSpec, SamplingParams
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 # field -> the only value accepted (the one that changes nothing), for options not implemented
@@ -294,67 +293,15 @@ def _shown(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-# --- responses -----------------------------------------------------------------------------
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """OpenAI's `usage` object."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def completion_logprobs(events: Sequence[TokenEvent], offset: int = 0) -> dict[str, Any]:
-    """The legacy completions `logprobs` object: each token's text, logprob and text offset."""
-    tokens = [event for event in events if event.token_id >= 0]
-    offsets, position = [], offset
-    for event in tokens:
-        offsets.append(position)
-        position += len(event.text)
-    return {
-        "tokens": [event.text for event in tokens],
-        "token_logprobs": [event.logprob for event in tokens],
-        "top_logprobs": None,
-        "text_offset": offsets,
-    }
-
-
-def chat_logprobs(events: Sequence[TokenEvent]) -> dict[str, Any]:
-    """The chat `logprobs` object: each token's text, its UTF-8 bytes and logprob."""
-    return {
-        "content": [
-            {
-                "token": event.text,
-                "logprob": event.logprob,
-                "bytes": list(event.text.encode("utf-8")),
-                "top_logprobs": [],
-            }
-            for event in events
-            if event.token_id >= 0
-        ],
-        "refusal": None,
-    }
-
-
-def sse(data: dict[str, Any] | str) -> bytes:
-    """One server-sent event: ``data: <json>`` and a blank line."""
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
-
-
-SSE_DONE = sse("[DONE]")
-
-
-def envelope(
-    kind: str, request_id: str, created: int, model: str, choice: dict[str, Any] | None
-) -> dict[str, Any]:
-    """A response or chunk: `kind` is its OpenAI object type, e.g. "chat.completion.chunk"."""
-    return {
-        "id": request_id,
-        "object": kind,
-        "created": created,
-        "model": model,
-        "choices": [] if choice is None else [{"index": 0, **choice}],
-    }
+def parse_classification(body: dict[str, Any]) -> tuple[str, list[str]]:
+    """`POST /v1/classifications`'s {"model", "input": text or list of texts}."""
+    texts = body.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    model = body.get("model")
+    valid = isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)
+    if set(body) != {"model", "input"} or not isinstance(model, str) or not valid:
+        raise RequestFieldError(
+            'POST /v1/classifications takes {"model": ADAPTER or "base", "input": TEXT or '
+            f"[TEXT, ...]}}; got the fields {sorted(body)}"
+        )
+    return model, texts  # type: ignore[return-value]

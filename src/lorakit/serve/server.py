@@ -16,36 +16,33 @@ app is built (`pip install "lorakit[serve]"`).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterNameError, LorakitError
 from ..extras import import_optional
 from .engine import Engine
-from .http_adapters import check_adapter_name, resolve_adapter_folder
+from .http_adapters import adapter_json, parse_load, parse_wait, resolve_adapter_folder
 from .http_errors import AuthError, RequestFieldError, error_body, error_payload
+from .http_gate import ApiKeyGate
 from .http_generation import Reply, collect_events, response_body, stream_events
 from .http_metrics import ServerMetrics
-from .openai_api import GenerationRequest, parse_chat, parse_completion, parse_json
+from .openai_api import (
+    GenerationRequest,
+    parse_chat,
+    parse_classification,
+    parse_completion,
+    parse_json,
+)
 from .types import BASE_ADAPTER
 
 logger = logging.getLogger(__name__)
 PURPOSE = "lorakit serve"
 MANAGEMENT_PREFIX = "/v1/adapters"
-ROUTE_PATHS = (
-    "/health",
-    "/metrics",
-    "/v1/models",
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/v1/classifications",
-    MANAGEMENT_PREFIX,
-)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_GONE = 499  # the status nginx logs for a client that closed before the answer
 # Engine.task -> why the other task's routes refuse
@@ -88,7 +85,8 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         options: See `ServerOptions`.
 
     Returns:
-        A FastAPI application, wrapped in the API-key gate and the request counter.
+        A FastAPI application (usable as a Ray Serve ingress too), its API-key gate and
+        request counter installed as ASGI middleware.
     """
     fastapi = import_optional("fastapi", "serve", PURPOSE)
     starlette_exceptions = import_optional("starlette.exceptions", "serve", PURPOSE)
@@ -100,12 +98,14 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         # uvicorn has waited for the open requests already; this finishes what may remain.
         await asyncio.to_thread(engine.shutdown, True)
 
-    app = fastapi.FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = fastapi.FastAPI(
+        title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     routes = _Routes(engine, options)
     app.add_exception_handler(starlette_exceptions.HTTPException, routes.on_http_exception)
     app.add_exception_handler(LorakitError, routes.on_error)
     app.add_exception_handler(ValueError, routes.on_error)
-    for path, method, endpoint in (
+    table = (
         ("/health", "GET", routes.health),
         ("/metrics", "GET", routes.metrics_text),
         ("/v1/models", "GET", routes.models),
@@ -115,9 +115,16 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         (MANAGEMENT_PREFIX, "GET", routes.list_adapters),
         (MANAGEMENT_PREFIX, "POST", routes.load_adapter),
         (MANAGEMENT_PREFIX + "/{name}", "DELETE", routes.unload_adapter),
-    ):
+    )
+    for path, method, endpoint in table:
         app.add_route(path, endpoint, methods=[method])
-    return _Gate(app, options.api_key, routes.metrics)
+    app.add_middleware(
+        ApiKeyGate,
+        api_key=options.api_key,
+        metrics=routes.metrics,
+        route_paths=frozenset(path for path, _, _ in table),
+    )
+    return app
 
 
 class _Routes:
@@ -243,11 +250,6 @@ def encode_prompt(engine: Engine, text: str) -> list[int]:
     return ids
 
 
-def adapter_json(info: Any) -> dict[str, Any]:
-    """An `AdapterInfo` as JSON, with OpenAI's `id` and `object` fields."""
-    return {"id": info.name, "object": "adapter", **asdict(info)}
-
-
 def require_management(options: ServerOptions) -> None:
     """Refuse the management routes when no API key guards them (the gate checked the key)."""
     if options.api_key is None:
@@ -258,103 +260,10 @@ def require_management(options: ServerOptions) -> None:
         )
 
 
-def parse_load(body: dict[str, Any]) -> tuple[str, str]:
-    """`POST /v1/adapters`'s {"name", "path"} (path relative to the adapters root)."""
-    if set(body) != {"name", "path"} or not all(isinstance(body[k], str) for k in body):
-        raise RequestFieldError(
-            'POST /v1/adapters takes {"name": NAME, "path": FOLDER}, FOLDER relative to the '
-            f"adapters root; got the fields {sorted(body)}"
-        )
-    if body["name"] == BASE_ADAPTER:
-        raise RequestFieldError(f"{BASE_ADAPTER!r} names the base; choose another name", "name")
-    return check_adapter_name(body["name"]), body["path"]
-
-
-def parse_wait(query: dict[str, str]) -> bool:
-    """`DELETE /v1/adapters/{name}`'s ``?wait=true|false`` (default true)."""
-    unknown = sorted(set(query) - {"wait"})
-    value = query.get("wait", "true")
-    if unknown or value not in ("true", "false"):
-        raise RequestFieldError(
-            f"DELETE /v1/adapters/NAME takes only ?wait=true|false; got {query}", "wait"
-        )
-    return value == "true"
-
-
-def parse_classification(body: dict[str, Any]) -> tuple[str, list[str]]:
-    """`POST /v1/classifications`'s {"model", "input": text or list of texts}."""
-    texts = body.get("input")
-    texts = [texts] if isinstance(texts, str) else texts
-    model = body.get("model")
-    valid = isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)
-    if set(body) != {"model", "input"} or not isinstance(model, str) or not valid:
-        raise RequestFieldError(
-            'POST /v1/classifications takes {"model": ADAPTER or "base", "input": TEXT or '
-            f"[TEXT, ...]}}; got the fields {sorted(body)}"
-        )
-    return model, texts  # type: ignore[return-value]
-
-
 async def _client_gone(request: Any) -> None:
     """Return once the client has disconnected (the request body is already read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _route_label(path: str) -> str:
-    """The route template of a path, for metric labels (a bounded set of values)."""
-    if path in ROUTE_PATHS:
-        return path
-    if path.startswith(MANAGEMENT_PREFIX + "/"):
-        return MANAGEMENT_PREFIX + "/{name}"
-    return "unmatched"
-
-
-class _Gate:
-    """ASGI wrapper: checks the API key on every HTTP request and counts answers by route."""
-
-    def __init__(self, app: Any, api_key: str | None, metrics: ServerMetrics) -> None:
-        self.app = app
-        self._api_key = api_key
-        self._metrics = metrics
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = {"code": 500}
-
-        async def counted_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            if self._is_authorized(scope):
-                await self.app(scope, receive, counted_send)
-            else:
-                await self._refuse(scope, receive, counted_send)
-        finally:
-            self._metrics.count(_route_label(scope["path"]), status["code"])
-
-    def _is_authorized(self, scope: dict[str, Any]) -> bool:
-        if self._api_key is None:
-            return True
-        headers = dict(scope["headers"])
-        given = headers.get(b"authorization", b"").decode("latin-1")
-        expected = f"Bearer {self._api_key}"
-        return hmac.compare_digest(given.encode(), expected.encode())
-
-    async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        responses = import_optional("starlette.responses", "serve", PURPOSE)
-        body = error_body(
-            "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-            "authentication_error",
-        )
-        response = responses.JSONResponse(
-            body, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-        )
-        await response(scope, receive, send)
 
 
 def run_server(engine: Engine, options: ServerOptions) -> None:
