@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lorakit import LoraConfig, PeftModel, get_peft_model
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, LorakitError, MergeError
 from lorakit.layers.trainable_tokens import TrainableTokensWrapper
 from parity.parity_support import (
     assert_forward_matches_peft,
@@ -337,3 +337,19 @@ def test_no_copy_of_the_embedding_is_kept_for_backward() -> None:
     # peft builds W with the rows replaced each forward; its tied head keeps that copy
     peft_weight = theirs.get_base_model().model.embed_tokens.token_adapter.base_layer.weight
     assert _vocab_sized_copies(theirs, peft_weight, ids) >= 1
+
+
+def test_a_merge_that_cannot_be_done_raises_before_any_weight_changes() -> None:
+    _, ours = _pair()
+    ours.add_adapter("overlap", LoraConfig(**_options(trainable_token_indices=[7, 8])))
+    before = {name: tensor.clone() for name, tensor in ours.get_base_model().state_dict().items()}
+    with pytest.raises(LorakitError, match=r"same token ids \[7\]"):
+        ours.merge_adapter(["default", "overlap"])
+    table = ours.get_base_model().model.embed_tokens.token_adapter.trainable_tokens_delta
+    with torch.no_grad():
+        table["default"][0, 0] = float("nan")
+    with pytest.raises(MergeError, match=r"adapter 'default' hold NaN/inf"):
+        ours.merge_adapter(["default"], safe_merge=True)
+    after = ours.get_base_model().state_dict()
+    base_keys = [key for key in before if "trainable_tokens_delta" not in key]
+    assert all(torch.equal(before[key], after[key]) for key in base_keys)

@@ -163,10 +163,14 @@ class TrainableTokensLayer(nn.Module):
                 weight = weight_with_rows(weight, self.index(name), self.tables[name])
         return weight
 
-    def check_finite(self, adapter_names: list[str]) -> None:
-        """Raise `MergeError` if a table to merge holds NaN/inf."""
-        for name in adapter_names:
-            if name in self.token_indices and not bool(torch.isfinite(self.tables[name]).all()):
+    def check_merge(self, adapter_names: list[str], safe_merge: bool) -> None:
+        """Raise before anything is written if these adapters cannot merge here: their ids
+        overlap (with each other or with merged ones), or, with `safe_merge`, a table to
+        merge holds NaN/inf (`MergeError`)."""
+        held = [name for name in adapter_names if name in self.token_indices]
+        self._check_disjoint(list(dict.fromkeys(self.merged_adapters + held)))
+        for name in held if safe_merge else []:
+            if not bool(torch.isfinite(self.tables[name]).all()):
                 raise MergeError(
                     f"The new token rows of adapter {name!r} hold NaN/inf; nothing was merged. "
                     "Check the adapter weights."
