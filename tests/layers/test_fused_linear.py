@@ -72,3 +72,61 @@ def test_fused_inference_equals_generic() -> None:
     x = torch.randn(3, 6, dtype=torch.float64)
     with torch.no_grad():
         assert torch.allclose(fused.eval()(x), generic.eval()(x), atol=EXACT, rtol=0)
+
+
+def _node_and_reference_runs(
+    model: nn.Module, layers: list[nn.Module], inputs: dict[str, torch.Tensor]
+) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """(output, gradients) of one training step through the node, then through the reference
+    path (a no-op forward hook on every base makes each layer take it), same dropout masks."""
+    runs = []
+    for use_reference in (False, True):
+        handles = [
+            layer.base_layer.register_forward_hook(lambda module, args, out: None)
+            for layer in layers
+            if use_reference
+        ]
+        model.zero_grad()
+        torch.manual_seed(11)
+        out = model(**inputs).logits
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        runs.append((out.detach(), grads))
+        for handle in handles:
+            handle.remove()
+    return runs
+
+
+NODE_VS_REFERENCE = 1e-5  # fp32, the same products summed in another order
+
+
+def test_two_active_adapters_and_conv1d_run_in_the_node_as_in_the_reference() -> None:
+    """GPT-2 (transformers' Conv1D, weight (in, out)) with two adapters active at once: one
+    node per layer (both branches in it), equal to the plain-autograd reference path."""
+    from lorakit.layers.linear import LoraLinear
+    from tiny_models import tiny_gpt2, token_batch
+
+    torch.manual_seed(0)
+    options = {
+        "target_modules": ["c_attn", "c_fc"],
+        "init_lora_weights": False,
+        "lora_dropout": 0.2,
+    }
+    model = get_peft_model(
+        tiny_gpt2(), LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True, **options)
+    )
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=3, fan_in_fan_out=True, **options))
+    model.set_adapter(["default", "other"])  # both active and trainable
+    model.train()
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(layer.fan_in_fan_out for layer in layers)
+    x = layers[0].base_layer.weight.new_empty(3, layers[0].in_features).normal_()
+    x.requires_grad_(True)
+    assert type(layers[0](x).grad_fn).__name__ == "_LoraNodeBackward"
+    inputs = {"input_ids": token_batch()}
+    (node_out, node_grads), (ref_out, ref_grads) = _node_and_reference_runs(model, layers, inputs)
+    assert torch.allclose(node_out, ref_out, atol=NODE_VS_REFERENCE, rtol=NODE_VS_REFERENCE)
+    assert node_grads.keys() == ref_grads.keys()
+    assert any(".other." in key for key in node_grads)
+    for key, grad in node_grads.items():
+        assert torch.allclose(grad, ref_grads[key], atol=NODE_VS_REFERENCE, rtol=1e-4), key

@@ -1,18 +1,19 @@
-"""The LoRA math against hand computations in float64, and the fused backward against autograd."""
+"""The LoRA math against hand computations in float64, and the fused node against autograd."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorakit.ops import lora as lora_ops
-from lorakit.ops.dropout import draw_seed, drop_mask, pack_mask, unpack_mask
-from lorakit.ops.lora import add_lora_linear, conv_delta_weight, delta_weight, lora_scale
+from lorakit.ops.dropout import SharedDropout, draw_seed, drop_mask, pack_mask, unpack_mask
+from lorakit.ops.lora import conv_delta_weight, delta_weight, lora_scale
+from lorakit.ops.lora_bases import DenseBase
+from lorakit.ops.lora_branch import LoraBranch, with_draw
+from lorakit.ops.lora_node import lora_forward
 
 EXACT = 1e-10  # float64 hand computation: only summation order differs
 
@@ -33,6 +34,22 @@ def test_delta_weight_is_scaled_b_times_a() -> None:
     assert torch.allclose(delta_weight(A, B, 1.5), expected, atol=EXACT, rtol=0)
 
 
+def _node(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    scale: float,
+    p: float,
+    is_transposed: bool = False,
+) -> torch.Tensor:
+    """The fused node over a dense base with one LoRA branch per (A, B) pair."""
+    shared = SharedDropout()
+    branches = tuple(with_draw(LoraBranch(scale, p, False, shared), x) for _ in pairs)
+    tensors = tuple(t for pair in pairs for t in pair)
+    return lora_forward(x, DenseBase(is_transposed), branches, W, bias, tensors)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(1, 6),
@@ -40,55 +57,69 @@ def test_delta_weight_is_scaled_b_times_a() -> None:
     d_out=st.integers(1, 9),
     r=st.integers(1, 4),
     p=st.sampled_from([0.0, 0.1, 0.5]),
+    is_transposed=st.booleans(),
     seed=st.integers(0, 2**31),
 )
-def test_add_lora_linear_matches_hand_computation(
-    n: int, d_in: int, d_out: int, r: int, p: float, seed: int
+def test_node_matches_hand_computation(
+    n: int, d_in: int, d_out: int, r: int, p: float, is_transposed: bool, seed: int
 ) -> None:
+    """Output and every gradient (x, W, bias, A, B) of the node against plain float64 math,
+    for nn.Linear's layout and Conv1D's transposed one."""
     torch.manual_seed(seed)
     x = torch.randn(2, n, d_in, dtype=torch.float64, requires_grad=True)
     A = torch.randn(r, d_in, dtype=torch.float64, requires_grad=True)
     B = torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(d_out, d_in, dtype=torch.float64)
+    W = torch.randn(d_out, d_in, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(d_out, dtype=torch.float64, requires_grad=True)
+    stored = W.t() if is_transposed else W  # Conv1D stores (in, out)
     scale = 0.75
     torch.manual_seed(seed + 1)
-    out = add_lora_linear(x @ W.t(), x, A, B, scale, dropout_p=p)
+    out = _node(x, stored, bias, [(A, B)], scale, p, is_transposed)
     # Hand computation with the same mask: the op draws its seed first from torch's generator.
     torch.manual_seed(seed + 1)
     mask = drop_mask((2 * n, d_in), p, draw_seed(), x.device).view(2, n, d_in) if p else None
     x_dropped = x * ~mask / (1 - p) if mask is not None else x
-    expected = x @ W.t() + scale * (x_dropped @ A.t()) @ B.t()
+    expected = x @ W.t() + bias + scale * (x_dropped @ A.t()) @ B.t()
     assert torch.allclose(out, expected, atol=EXACT, rtol=0)
-    # Gradients of the fused backward equal autograd through the plain formula.
     weights = torch.randn_like(expected)
-    got = torch.autograd.grad((out * weights).sum(), (x, A, B))
-    want = torch.autograd.grad((expected * weights).sum(), (x, A, B))
+    got = torch.autograd.grad((out * weights).sum(), (x, W, bias, A, B))
+    want = torch.autograd.grad((expected * weights).sum(), (x, W, bias, A, B))
     for g, w in zip(got, want, strict=True):
         assert torch.allclose(g, w, atol=EXACT, rtol=0)
 
 
-def test_fused_update_passes_gradcheck() -> None:
+@pytest.mark.parametrize("is_transposed", [False, True], ids=["linear", "conv1d"])
+def test_node_passes_gradcheck_with_two_branches(is_transposed: bool) -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    A = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    B = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(5, 4, dtype=torch.float64)
+    pairs = [
+        (
+            torch.randn(2, 4, dtype=torch.float64, requires_grad=True),
+            torch.randn(5, 2, dtype=torch.float64, requires_grad=True),
+        )
+        for _ in range(2)
+    ]
+    W = torch.randn(4, 5, dtype=torch.float64) if is_transposed else torch.randn(5, 4).double()
+    W.requires_grad_(True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
 
-    def function(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        return add_lora_linear(x @ W.t(), x, A, B, 2.0, dropout_p=0.0)
+    def function(*tensors: torch.Tensor) -> torch.Tensor:
+        x, W, bias, A1, B1, A2, B2 = tensors
+        return _node(x, W, bias, [(A1, B1), (A2, B2)], 2.0, 0.0, is_transposed)
 
-    assert torch.autograd.gradcheck(function, (x, A, B))
+    inputs = (x, W, bias, *(t for pair in pairs for t in pair))
+    assert torch.autograd.gradcheck(function, inputs)
 
 
-def test_inference_path_writes_in_place_and_matches() -> None:
+def test_no_grad_forward_matches_and_keeps_no_graph() -> None:
     x = torch.randn(4, 6, dtype=torch.float64)
     A = torch.randn(2, 6, dtype=torch.float64)
     B = torch.randn(3, 2, dtype=torch.float64)
-    base = torch.randn(4, 3, dtype=torch.float64)
-    expected = base + 0.5 * x @ A.t() @ B.t()
+    W = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    expected = x @ W.detach().t() + 0.5 * x @ A.t() @ B.t()
     with torch.no_grad():
-        out = add_lora_linear(base, x, A, B, 0.5)
-    assert out.data_ptr() == base.data_ptr()
+        out = _node(x, W, None, [(A, B)], 0.5, 0.0)
+    assert out.grad_fn is None and not out.requires_grad
     assert torch.allclose(out, expected, atol=EXACT, rtol=0)
 
 
@@ -99,40 +130,18 @@ BF16_ROUNDING = 2.0**-8
 FP32_SUM_SLACK = 2.0**-20
 
 
-def _count_routes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Count calls of the plain reference path and of the fused autograd node in `ops.lora`."""
-    calls = {"reference": 0, "fused": 0}
-    reference, fused = lora_ops._add_lora_linear_reference, lora_ops._LoraUpdate.apply
-
-    def counted_reference(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls["reference"] += 1
-        return reference(*args, **kwargs)
-
-    def counted_fused(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls["fused"] += 1
-        return fused(*args, **kwargs)
-
-    monkeypatch.setattr(lora_ops, "_add_lora_linear_reference", counted_reference)
-    monkeypatch.setattr(lora_ops._LoraUpdate, "apply", counted_fused)
-    return calls
-
-
 @pytest.mark.parametrize("needs_grad", [False, True], ids=["no-grad", "autograd"])
-def test_mixed_dtypes_take_the_reference_path(
-    monkeypatch: pytest.MonkeyPatch, needs_grad: bool
-) -> None:
-    """A bf16 input and base output with fp32 adapters: the plain reference path, not the fused
-    node nor the in-place no-grad path, and one rounding of an fp32 sum into bf16."""
-    calls = _count_routes(monkeypatch)
+def test_reference_rounds_an_fp32_sum_into_bf16_once(needs_grad: bool) -> None:
+    """A bf16 input and base output with fp32 adapters: the reference path sums in fp32,
+    rounds into bf16 once, leaves the base output as it was and keeps autograd."""
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(4, 6, generator=generator).to(torch.bfloat16)
     A = torch.randn(2, 6, generator=generator).requires_grad_(needs_grad)
     B = torch.randn(3, 2, generator=generator).requires_grad_(needs_grad)
     base = torch.randn(4, 3, generator=generator).to(torch.bfloat16)
     base_before = base.clone()
-    out = add_lora_linear(base, x, A, B, 0.5)
-    assert calls == {"reference": 1, "fused": 0}
-    assert torch.equal(base, base_before)  # the no-grad path would have written into it
+    out = LoraBranch(0.5, 0.0).reference(base, x, (A, B))
+    assert torch.equal(base, base_before)
     assert out.dtype == torch.bfloat16
     assert out.requires_grad == needs_grad
     branch = 0.5 * (x.double() @ A.detach().double().t() @ B.detach().double().t())
@@ -142,15 +151,6 @@ def test_mixed_dtypes_take_the_reference_path(
     )
     limit = BF16_ROUNDING * exact.abs() + FP32_SUM_SLACK * terms
     assert bool(((out.double() - exact).abs() <= limit).all())
-
-
-def test_same_dtype_under_autograd_takes_the_fused_node(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The counterpart that shows the counting sees the other route."""
-    calls = _count_routes(monkeypatch)
-    x = torch.randn(4, 6)
-    A, B = torch.randn(2, 6, requires_grad=True), torch.randn(3, 2, requires_grad=True)
-    add_lora_linear(torch.randn(4, 3), x, A, B, 0.5)
-    assert calls == {"reference": 0, "fused": 1}
 
 
 def test_drop_mask_is_deterministic_and_has_rate_p() -> None:

@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.ops.dropout import SharedDropout, unpack_mask
-from lorakit.ops.lora import lora_linear
+from lorakit.ops.lora_bases import DenseBase
+from lorakit.ops.lora_branch import LoraBranch, with_draw
+from lorakit.ops.lora_node import branch_dtype_fits, lora_forward
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ULPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}  # two roundings of the half dtype
@@ -56,7 +58,8 @@ def test_fused_mixed_equals_the_plain_form(
     B = torch.randn(d_out, r, generator=gen).requires_grad_()
     upstream = torch.randn(n, 2, d_out, generator=gen).to(dtype)
     shared = SharedDropout()  # keeps the draw, so the plain form can use the same mask
-    fused = lora_linear(x, W, bias, A, B, 0.75, p, shared)
+    branch = with_draw(LoraBranch(0.75, p, False, shared), x)
+    fused = lora_forward(x, DenseBase(), (branch,), W, bias, (A, B))
     got = torch.autograd.grad(fused, [x, A, B], upstream)
     kept = x
     if p > 0:
@@ -85,16 +88,15 @@ def _bf16_layer(dropout: float) -> torch.nn.Module:
 def test_layer_dispatches_mixed_dtypes_to_the_fused_node() -> None:
     layer = _bf16_layer(0.0)
     x = torch.randn(5, 32).to(torch.bfloat16).requires_grad_()
-    assert layer._fused_operands(x, layer.adapter_slots["default"]) is not None
+    assert layer._node_base(x) is not None
     out = layer(x)
-    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_FusedLoraLinearBackward"
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_LoraNodeBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer._fused_operands(x, layer.adapter_slots["default"]) is None
-    assert (
-        layer._fused_operands(x.float(), layer.adapter_slots["default"]) is None
-    )  # x must come in the base's dtype
-    layer.lora_A["default"].to(torch.float16)  # A and B in different dtypes
-    assert layer._fused_operands(x, layer.adapter_slots["default"]) is None
+        assert layer._node_base(x) is None
+        assert type(layer(x).grad_fn).__name__ != "_LoraNodeBackward"
+    assert layer._node_base(x.float()) is None  # x must come in the base's dtype
+    layer.lora_A["default"].to(torch.float16)  # A and B in different dtypes: no fit
+    assert not branch_dtype_fits(torch.bfloat16, layer.adapter_slots["default"].pair())
 
 
 def test_a_trained_bf16_base_gets_its_gradients_through_the_fused_node() -> None:

@@ -1,30 +1,36 @@
-"""LoRA around a linear map: `torch.nn.Linear`, or transformers' `Conv1D` (weight (in, out))."""
+"""LoRA around a linear map: `torch.nn.Linear`, or transformers' `Conv1D` (weight (in, out)).
+
+A forward takes one of two routes, readable in `LoraLinear.forward`: the fused node
+(`ops.lora_node`) when the base has a node protocol (`_node_base`) and every acting adapter's
+tensors fit it, else the plain-autograd reference path (`LoraLayer.forward`, each adapter's
+`reference`): autocast, hooks on the base, subclasses of the base type, other dtypes,
+mixed-adapter batches, extra arguments.
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..ops.lora import add_lora_linear, delta_weight, lora_linear
+from ..ops.lora import delta_weight
+from ..ops.lora_bases import DenseBase
+from ..ops.lora_branch import LoraBranch, with_draw
+from ..ops.lora_node import NodeBase, branch_dtype_fits, lora_forward
 from .base import LoraLayer, module_weight
 from .init import LINEAR_INITS
 from .routing import AdapterRouting, AdapterSlot
 
-
-def branch_dtype_fits(base_dtype: torch.dtype, A_dtype: torch.dtype, B_dtype: torch.dtype) -> bool:
-    """Whether a fused node can run an adapter's branch on a base computing in `base_dtype`.
-
-    The branch runs in the adapter's dtype: the base's own, or fp32 on a bf16/fp16 base.
-    """
-    if A_dtype != B_dtype:
-        return False
-    half = base_dtype in (torch.bfloat16, torch.float16)
-    return A_dtype == base_dtype or (half and A_dtype == torch.float32)
+# What the node runs a base with: the base, its weight (None if packed) and bias, its dtype.
+NodeOperands = tuple[NodeBase, torch.Tensor | None, torch.Tensor | None, torch.dtype]
 
 
-FusedOperands = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]
+def is_exact_conv1d(module: nn.Module) -> bool:
+    """True for transformers' `Conv1D` itself (not a subclass); never imports transformers."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return type(module) is getattr(pytorch_utils, "Conv1D", None)
 
 
 class AdapterLinear(nn.Linear):
@@ -75,49 +81,56 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         routing = self.routing
         if routing.is_disabled or routing.row_groups is not None or args or kwargs:
-            return super().forward(x, *args, **kwargs)
+            return super().forward(x, *args, **kwargs)  # the reference path
         slots = self.active_slots
         if not slots:  # merged or absent: the base alone, no added work
             result: torch.Tensor = self.base_layer(x)
             return result
-        operands = self._fused_operands(x, slots[0]) if len(slots) == 1 else None
+        operands = self._node_base(x)
         if operands is not None:
-            W, bias, A, B = operands
-            p = slots[0].dropout_p if self.training else 0.0
-            scale = slots[0].forward_scale()
-            return lora_linear(x, W, bias, A, B, scale, p, routing.shared_dropout)
-        result = self.base_layer(x)
-        for slot in slots:
-            result = self._add_slot_output(result, x, slot)
-        return result
+            base, weight, bias, dtype = operands
+            pairs = [self._slot_branch(slot) for slot in slots]
+            if all(branch_dtype_fits(dtype, tensors) for _, tensors in pairs):
+                branches = tuple(with_draw(branch, x) for branch, _ in pairs)
+                tensors = tuple(t for _, slot_tensors in pairs for t in slot_tensors)
+                return lora_forward(x, base, branches, weight, bias, tensors)
+        return super().forward(x)  # the reference path
 
-    def _fused_operands(self, x: torch.Tensor, slot: AdapterSlot) -> FusedOperands | None:
-        """(W, bias, A, B) when the fused path (owning the base matmul) may run, else None.
+    def _node_base(self, x: torch.Tensor) -> NodeOperands | None:
+        """What the fused node runs the base with, or None where it may not run.
 
-        It needs an exact `nn.Linear` without hooks, no autocast, x in the base's dtype, and
-        the adapter in that dtype or, on a bf16/fp16 base, in fp32 (the default there). This
-        runs on every forward, so it reads the module tables directly (nn.Module's attribute
-        lookup cost more than the checks).
+        It needs an exact `nn.Linear` or `Conv1D` (a subclass may compute otherwise) without
+        hooks, no autocast (which decides dtypes per op) and x and the bias in the weight's
+        dtype. This runs on every forward, so it reads the module tables directly (nn.Module's
+        attribute lookup cost more than the checks).
         """
         base = self._modules["base_layer"]
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        if base is None:
             return None
-        if torch.is_autocast_enabled(x.device.type):  # autocast decides dtypes per op
+        if type(base) is not nn.Linear and not (self.fan_in_fan_out and is_exact_conv1d(base)):
             return None
-        W, bias = base._parameters["weight"], base._parameters["bias"]
+        if base._forward_hooks or base._forward_pre_hooks:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        assert weight is not None
+        if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+            return None
+        return DenseBase(self.fan_in_fan_out), weight, bias, weight.dtype
+
+    def _slot_branch(self, slot: AdapterSlot) -> tuple[LoraBranch, tuple[torch.Tensor, ...]]:
+        """The slot's adapter as a branch (no dropout draw yet) and its tensors: (A, B)."""
         A, B = slot.pair()
-        assert W is not None
-        if x.dtype != W.dtype or (bias is not None and bias.dtype != W.dtype):
-            return None
-        return (W, bias, A, B) if branch_dtype_fits(W.dtype, A.dtype, B.dtype) else None
+        p = slot.dropout_p if self.training else 0.0
+        branch = LoraBranch(slot.forward_scale(), p, False, self.routing.shared_dropout)
+        return branch, (A, B)
 
     def _add_slot_output(
         self, result: torch.Tensor, x: torch.Tensor, slot: AdapterSlot
     ) -> torch.Tensor:
-        A, B = slot.pair()
-        p = slot.dropout_p if self.training else 0.0
-        shared = self.routing.shared_dropout
-        return add_lora_linear(result, x, A, B, slot.forward_scale(), p, shared)
+        branch, tensors = self._slot_branch(slot)
+        return branch.reference(result, x, tensors)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self._adapter_pair(adapter_name)

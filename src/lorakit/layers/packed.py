@@ -1,10 +1,12 @@
 """LoRA around a linear base whose weight is packed (4-bit codes): no dense weight to merge into.
 
-The base runs itself (it dequantizes per call) and the adapters add their branch as in
-`LoraLinear`. Writing s·BA into 4-bit codes would round most of it away and could not be
-undone, so `merge_adapter` is refused. `merge_and_unload` asks `merged_module` instead: the
-base is dequantized in fp32, the deltas are added in fp32, and a new module takes the
-wrapper's place, a dense `nn.Linear` or (with `requantize`) a fresh 4-bit layer.
+The base runs itself (it dequantizes per call) and the adapters add their branch by the
+reference path, unless a subclass gives the fused node a protocol for the base
+(`_node_base`, as `quant.lora.LoraQuantLinear` does). Writing s·BA into 4-bit codes would
+round most of it away and could not be undone, so `merge_adapter` is refused.
+`merge_and_unload` asks `merged_module` instead: the base is dequantized in fp32, the deltas
+are added in fp32, and a new module takes the wrapper's place, a dense `nn.Linear` or (with
+`requantize`) a fresh 4-bit layer.
 
 Rounding of `merged_module`, against the unmerged layer:
 - dense: W' = dequant(Q) + Σ s·BA is formed in fp32 and rounded once into the base's weight
@@ -25,7 +27,7 @@ from torch import nn
 
 from ..errors import MergeError
 from .base import LoraLayer
-from .linear import LoraLinear
+from .linear import LoraLinear, NodeOperands
 from .routing import AdapterRouting
 
 
@@ -56,6 +58,10 @@ class LoraPackedLinear(LoraLinear):
     def requantized_module(self, weight: torch.Tensor) -> nn.Module:
         """A packed layer like the base (same settings and bias) holding `weight` (fp32)."""
         raise NotImplementedError
+
+    def _node_base(self, x: torch.Tensor) -> NodeOperands | None:
+        """None: a packed base of unknown layout runs itself (the reference path)."""
+        return None
 
     # --- merging -------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:

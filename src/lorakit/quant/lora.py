@@ -6,15 +6,13 @@ Importing `lorakit.quant` registers this layer first in the LoRA layer registry,
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from ..layers.linear import branch_dtype_fits
+from ..layers.linear import NodeOperands
 from ..layers.packed import LoraPackedLinear
 from ..layers.registry import LAYER_REGISTRY, LayerEntry
-from ..ops.lora_4bit import lora_linear_4bit
+from ..ops.lora_bases import Quant4bitBase
 from .linear import QuantLinear
 
 
@@ -25,45 +23,22 @@ class LoraQuantLinear(LoraPackedLinear):
     dequant(Q) + s·BA (or a new `QuantLinear` with `requantize=True`), see `layers.packed`.
     """
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        fusable = self._fusable_adapter(x, args, kwargs)
-        if fusable is None:
-            return super().forward(x, *args, **kwargs)
-        adapter_name, A, B = fusable
-        base = self._quant_base()
-        p = self.lora_dropout_p[adapter_name] if self.training else 0.0
-        shared = self.routing.shared_dropout
-        dtype = base.config.compute_dtype
-        bias = None if base.bias is None else base.bias.to(dtype)  # as QuantLinear computes
-        scale = self.scaling[adapter_name]
-        return lora_linear_4bit(x, base.quantized, bias, A, B, scale, p, shared)
+    def _node_base(self, x: torch.Tensor) -> NodeOperands | None:
+        """The 4-bit base for the fused node, or None where the node may not run.
 
-    def _fusable_adapter(
-        self, x: torch.Tensor, args: tuple[Any, ...], kwargs: Any
-    ) -> tuple[str, torch.Tensor, torch.Tensor] | None:
-        """(name, A, B) of the one acting adapter when base and update can run as one fused
-        node, else None.
-
-        That needs a plain `QuantLinear` without hooks, x in the compute dtype, the adapter in
-        that dtype or fp32 (on a bf16/fp16 compute dtype), and no autocast (which picks
-        dtypes per op).
+        That needs a plain `QuantLinear` without hooks, x in its compute dtype and no autocast
+        (which picks dtypes per op); the bias is cast to the compute dtype, as the base does.
         """
-        routing = self.routing
-        if routing.is_disabled or routing.row_groups is not None or args or kwargs:
-            return None
-        acting = self.acting_adapters()
-        base = self.base_layer
-        if len(acting) != 1 or type(base) is not QuantLinear:
-            return None
-        if base._forward_hooks or base._forward_pre_hooks:
+        base = self._modules["base_layer"]
+        if type(base) is not QuantLinear or base._forward_hooks or base._forward_pre_hooks:
             return None
         if torch.is_autocast_enabled(x.device.type):
             return None
         dtype = base.config.compute_dtype
-        A, B = self._adapter_pair(acting[0])
-        if x.dtype != dtype or not branch_dtype_fits(dtype, A.dtype, B.dtype):
+        if x.dtype != dtype:
             return None
-        return acting[0], A, B
+        bias = None if base.bias is None else base.bias.to(dtype)  # as QuantLinear computes
+        return Quant4bitBase(base.quantized), None, bias, dtype
 
     def _quant_base(self) -> QuantLinear:
         base = self.base_layer
