@@ -5,6 +5,7 @@ against peft where peft implements it the same way)."""
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -192,3 +193,18 @@ def test_corda_pruned_fields_and_float16_covariance_as_peft() -> None:
             assert mine.covariance_matrix.dtype == other.covariance_matrix.dtype == dtype
             assert torch.equal(mine.covariance_matrix, other.covariance_matrix)
             assert torch.equal(mine.eigens.U_WC, other.eigens.U_WC)
+
+
+@pytest.mark.parametrize("init", ["eva", "corda"])
+def test_lorakit_train_refuses_the_data_inits_from_a_config_file(
+    init: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lorakit train` would otherwise train a plain LoRA under an EVA / CorDA config."""
+    from lorakit.cli import build_parser
+    from lorakit.cli.train import run_train
+
+    monkeypatch.chdir(tmp_path)
+    run = {"model": "m", "train_data": "x", "lora": {"init_lora_weights": init}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert run_train(build_parser().parse_args(["train", "--config", "run.json"])) == 2
+    assert f"init_lora_weights='{init}' needs a pass over data" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import typing
 from typing import Any, Literal
 
 from ..config import LoraConfig
-from ..errors import LorakitError
+from ..errors import ConfigError, LorakitError
 from ..extras import import_optional
 from ..train.config import TrainConfig, read_config_file
 from .formatting import attribute_docs, escape, show_default
@@ -46,6 +46,11 @@ INIT_CHOICES = (
     "olora",
     "orthogonal",
 )
+# The inits set from data by a call of their own, with the call.
+DATA_INITS = {
+    "eva": "initialize_lora_eva_weights after get_peft_model",
+    "corda": "preprocess_corda before get_peft_model",
+}
 PISSA_NITER = re.compile(r"pissa_niter_\d+")  # the fast-SVD PiSSA, N subspace iterations
 # Argument groups: (title, description); descriptions are printed as written (<= 76 columns).
 LORA_GROUP = (
@@ -179,6 +184,13 @@ def _train(options: RunOptions) -> dict[str, Any]:
     from .train_model import check_model, load_base
 
     config = TrainConfig.from_dict(options.train)
+    init = options.lora.get("init_lora_weights")
+    if init in DATA_INITS:  # their data pass is a Python call this command does not make
+        raise ConfigError(
+            f"init_lora_weights={init!r} needs a pass over data ({DATA_INITS[init]}) that "
+            "lorakit train does not run, so the adapter would start as plain LoRA. Fix: "
+            "initialise it in Python and train with lorakit.train.Trainer, or use another init."
+        )
     model_id = str(options.inputs["model"])
     check_model(model_id)
     lora_options = {"base_model_name_or_path": model_id, **options.lora}
