@@ -113,15 +113,20 @@ def _serve(args: argparse.Namespace) -> int:
     for flag in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens", "port"):
         if getattr(args, flag) < 1:
             raise LorakitError(f"--{flag.replace('_', '-')} must be 1 or more")
-    engine = Engine.from_pretrained(
-        args.base,
-        dtype=getattr(torch, args.dtype),
-        load_in_4bit=args.load_in_4bit,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_new_tokens=args.max_tokens,
-    )
+    try:
+        engine = Engine.from_pretrained(
+            args.base,
+            dtype=getattr(torch, args.dtype),
+            load_in_4bit=args.load_in_4bit,
+            max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_new_tokens=args.max_tokens,
+        )
+    except LorakitError:
+        raise
+    except ValueError as error:  # transformers: a folder without a model it knows
+        raise LorakitError(f"--base {args.base}: not a transformers model ({error})") from None
     for name, folder in adapters.items():
         engine.load_adapter(name, folder)
     options = ServerOptions(
