@@ -346,6 +346,8 @@ def test_metrics_count_requests_tokens_and_adapters(server: ServerProcess) -> No
     before = server.metric('lorakit_adapter_requests_total{adapter="polite"}')
     tokens = server.metric("lorakit_generated_tokens_total")
     server.client().completions.create(model="polite", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert server.metric("lorakit_generated_tokens_per_second") > 0  # since the last scrape
+    assert server.metric("lorakit_generated_tokens_per_second") == 0  # none since
     assert server.metric('lorakit_adapter_requests_total{adapter="polite"}') == before + 1
     assert server.metric("lorakit_generated_tokens_total") == tokens + 4
     assert server.metric("lorakit_running_requests") == 0
