@@ -49,9 +49,10 @@ CORDA_TOL = 1e-6
 # Outputs of a whole tiny model after init: rounding through a few layers of values <= 1.
 OUTPUT_TOL = 1e-5
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-# Without layers that share an input: peft 0.21.2 whitens a shared SVD's components in place
-# once per layer of the group (q, k and v get S^-1/2, S^-1, S^-3/2); lorakit whitens each once.
-UNSHARED_TARGETS = ["q_proj", "up_proj", "down_proj"]
+# GPT-2's Conv1D layers, none sharing an input: peft 0.21.2 whitens a shared SVD's components
+# in place once per layer of the group (Llama's q, k, v would get S^-1/2, S^-1, S^-3/2);
+# lorakit whitens each once.
+GPT2_TARGETS = ["c_attn", "c_fc", "c_proj"]
 
 
 def _batches(
@@ -77,8 +78,10 @@ def _quiet(function: Callable[[], Any]) -> Any:
         return function()
 
 
-def _logits(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
+def _logits(model: nn.Module) -> torch.Tensor:
+    """Eval-mode logits (EVA leaves a PeftModel in train mode, as peft does: GPT-2's dropout)."""
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    model.eval()
     with torch.no_grad():
         return model(ids).logits
 
@@ -92,11 +95,14 @@ EvaRun = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any, PeftModel]
 
 
 def _eva_run(
-    eva_options: dict[str, Any], batches: list[dict[str, torch.Tensor]], targets: list[str]
+    eva_options: dict[str, Any],
+    batches: list[dict[str, torch.Tensor]],
+    targets: list[str],
+    make_base: Callable[[], nn.Module] = tiny_llama,
 ) -> EvaRun:
     """(peft's components, lorakit's, peft's model and lorakit's, both initialised)."""
     options = {"r": 4, "target_modules": targets, "init_lora_weights": "eva"}
-    base = tiny_llama()
+    base = make_base()
     theirs = _quiet(
         lambda: peft.get_peft_model(
             copy.deepcopy(base),
@@ -122,7 +128,7 @@ def eva_run() -> EvaRun:
     return _eva_run({"tau": 0.7}, _batches(labels=True), LLAMA_TARGETS)
 
 
-def _assert_eva_matches(run: EvaRun) -> None:
+def _assert_eva_matches(run: EvaRun, make_base: Callable[[], nn.Module] = tiny_llama) -> None:
     their_components, our_components, theirs, ours = run
     assert list(our_components) == list(their_components)
     for name, value in their_components.items():
@@ -137,7 +143,7 @@ def _assert_eva_matches(run: EvaRun) -> None:
         assert getattr(our_config, field) == getattr(their_config, field), field
     assert our_config.rank_pattern  # the ranks did move
     torch.testing.assert_close(_logits(ours), _logits(theirs), atol=OUTPUT_TOL, rtol=0)
-    torch.testing.assert_close(_logits(ours), _logits(tiny_llama()), atol=OUTPUT_TOL, rtol=0)
+    torch.testing.assert_close(_logits(ours), _logits(make_base()), atol=OUTPUT_TOL, rtol=0)
 
 
 def test_eva_components_ranks_and_init_equal_peft(eva_run: EvaRun) -> None:
@@ -145,10 +151,10 @@ def test_eva_components_ranks_and_init_equal_peft(eva_run: EvaRun) -> None:
     assert {value.shape[0] for value in eva_run[1].values()} != {4}
 
 
-def test_eva_whitened_without_rank_adjustment_equals_peft() -> None:
+def test_eva_whitened_without_rank_adjustment_on_conv1d_equals_peft() -> None:
     options = {"tau": 0.7, "whiten": True, "adjust_scaling_factors": False, "rho": 1.5}
-    run = _eva_run(options, _batches(labels=True), UNSHARED_TARGETS)
-    _assert_eva_matches(run)
+    run = _eva_run(options, _batches(labels=True), GPT2_TARGETS, tiny_gpt2)
+    _assert_eva_matches(run, tiny_gpt2)
     assert not run[3].peft_config["default"].alpha_pattern  # lora_alpha kept
 
 
@@ -212,6 +218,10 @@ def test_eva_adapter_saved_loads_as_plain_lora_in_lorakit_and_peft(
     torch.testing.assert_close(_logits(loaded), trained, atol=OUTPUT_TOL, rtol=0)
     their_loaded = _quiet(lambda: peft.PeftModel.from_pretrained(tiny_llama(), tmp_path))
     torch.testing.assert_close(_logits(their_loaded), trained, atol=OUTPUT_TOL, rtol=0)
+    # and peft's EVA file (rank_pattern, alpha_pattern, eva_config) loads in lorakit
+    _quiet(lambda: eva_run[2].save_pretrained(tmp_path / "peft"))
+    ours_from_peft = PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft")
+    torch.testing.assert_close(_lora_state(ours_from_peft), _lora_state(eva_run[2]), atol=0, rtol=0)
 
 
 def test_eva_refusals_name_the_problem() -> None:
