@@ -380,3 +380,41 @@ def test_one_dimensional_parameter_and_inject_from_a_state_dict_are_refused() ->
     config = LoraConfig(target_modules=[], target_parameters=EXPERTS)
     with pytest.raises(ConfigError, match=r"state_dict=\.\.\.\) with target_parameters"):
         lorakit.inject_adapter_in_model(config, tiny_qwen3_moe(), state_dict=state_dict)
+
+
+@pytest.mark.parametrize(
+    "target_modules",
+    ["all-linear", r"model\.layers\.0\.self_attn\.q_proj"],
+    ids=["all-linear", "regex"],
+)
+def test_targets_peft_rewrites_into_target_parameters_are_refused(target_modules: str) -> None:
+    """On Qwen3-MoE peft (with transformers 5) turns "all-linear" into expert stacks and the
+    router's weight, and a regex into every layer of the names it matched."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(
+            tiny_qwen3_moe(), peft.LoraConfig(target_modules=target_modules)
+        )
+    planned = {"model.layers.0.self_attn.q_proj"} if target_modules != "all-linear" else set()
+    assert set(adapted_names(peft_model)) - planned  # peft adapts more than the spec says
+    base = tiny_qwen3_moe()
+    with pytest.raises(ConfigError, match=r"target_modules=.* peft rewrites such targets"):
+        get_peft_model(base, LoraConfig(target_modules=target_modules))
+    assert not any(isinstance(module, LoraLayer) for module in base.modules())
+
+
+@pytest.mark.parametrize(
+    ("make_base", "target_modules"),
+    [(tiny_qwen3_moe, r".*\.q_proj"), (tiny_gpt_oss, "all-linear")],
+    ids=["qwen3_moe-regex", "gpt_oss-all-linear"],
+)
+def test_targets_peft_leaves_as_they_are_adapt_the_same_layers(
+    make_base: Callable[[], nn.Module], target_modules: str
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(
+            make_base(), peft.LoraConfig(target_modules=target_modules)
+        )
+    model = get_peft_model(make_base(), LoraConfig(target_modules=target_modules))
+    assert adapted_names(model) == adapted_names(peft_model)

@@ -24,6 +24,7 @@ from ..layers.base import LoraLayer
 from ..layers.modules_to_save import ModulesToSaveWrapper
 from ..layers.parameter import LoraParameter
 from ..layers.routing import AdapterRouting
+from .legacy_moe import check_no_converted_moe_targets
 from .matching import InjectionPlan, pattern_value
 from .surgery import replace_module
 
@@ -68,11 +69,13 @@ def plan_parameter_injection(
         other_configs: The model's other adapters' configs.
 
     Raises:
-        ConfigError: An option PEFT refuses with `target_parameters`, or another adapter
-            names other parameters.
+        ConfigError: An option PEFT refuses with `target_parameters`, another adapter
+            names other parameters, or `target_modules` is one PEFT rewrites into
+            `target_parameters` for this model (`inject.legacy_moe`).
         TargetModuleError: A name matches no parameter, or a matched parameter's module is
             also a LoRA layer target, the model itself or inside `modules_to_save`.
     """
+    check_no_converted_moe_targets(model, config)
     module_target_keys = {target.key for target in plan.targets}
     for key in module_target_keys:
         if isinstance(model.get_submodule(key), LoraParameter):
