@@ -1,6 +1,6 @@
 """`lorakit serve` as a real process on loopback, driven by the official openai client and httpx.
 
-One server per module (it takes seconds to start: torch, transformers, the model). Greedy
+One server per test process (it takes seconds to start: torch, transformers, the model). Greedy
 answers are checked against the merged model's `generate` (an independent reference) and,
 for blends, against the engine in this process; errors against OpenAI's shapes and statuses.
 """
@@ -94,7 +94,9 @@ class ServerProcess:
         return self.process.wait(timeout=120)
 
 
-@pytest.fixture(scope="module")
+# Session scope: under pytest-xdist a worker may run other modules between this module's tests,
+# and a module fixture would start the server again each time.
+@pytest.fixture(scope="session")
 def server(
     served_folders: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
@@ -103,7 +105,7 @@ def server(
     running.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(served_folders: Any) -> Any:
     """Greedy token ids of the merged model (adapter baked in, plain transformers generate)."""
     import transformers
@@ -397,7 +399,8 @@ def test_the_openai_example_of_the_docs_runs(server: ServerProcess) -> None:
     assert printed.getvalue().endswith(f"{blended.choices[0].text}\n")
 
 
-# Last in this module: it stops the module's server (xdist runs a module's tests in order).
+# Last in this module: it stops the server. A worker of pytest-xdist runs the tests it gets in
+# collection order, so none of this module's tests comes after it on the same worker.
 def test_sigterm_finishes_the_running_stream_then_exits(server: ServerProcess) -> None:
     body = {
         "model": "polite",

@@ -8,7 +8,12 @@ import pytest
 
 from lorakit.serve.http_errors import RequestFieldError, error_payload
 from lorakit.serve.http_generation import chat_logprobs, completion_logprobs
-from lorakit.serve.openai_api import parse_chat, parse_completion, parse_json
+from lorakit.serve.openai_api import (
+    fit_default_max_tokens,
+    parse_chat,
+    parse_completion,
+    parse_json,
+)
 from lorakit.serve.types import SamplingParams, TokenEvent
 
 
@@ -81,6 +86,17 @@ def test_chat_messages_text_parts_and_max_tokens_defaults() -> None:
         parse_chat({**body, "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, 77)
     with pytest.raises(RequestFieldError, match="messages must be a non-empty list"):
         parse_chat({**body, "messages": []}, 77)
+
+
+def test_a_chat_without_max_tokens_gets_what_the_positions_leave() -> None:
+    body = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
+    default = parse_chat(body, default_max_tokens=1024)
+    assert not default.has_max_tokens
+    assert fit_default_max_tokens(default, 2000, 2048).sampling.max_tokens == 48
+    assert fit_default_max_tokens(default, 100, 2048).sampling.max_tokens == 1024
+    assert fit_default_max_tokens(default, 2000, None).sampling.max_tokens == 1024
+    given = parse_chat({**body, "max_tokens": 500}, default_max_tokens=1024)
+    assert fit_default_max_tokens(given, 2000, 2048).sampling.max_tokens == 500  # theirs
 
 
 @pytest.mark.parametrize(

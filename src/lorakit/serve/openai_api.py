@@ -52,6 +52,7 @@ class GenerationRequest:
         include_usage: Streaming only: send a last chunk with the token counts.
         prompt: Completions: the text, or its token ids.
         messages: Chat: the messages, for the tokenizer's chat template.
+        has_max_tokens: The request set max_tokens (else the default is in `sampling`).
     """
 
     model: str
@@ -61,6 +62,7 @@ class GenerationRequest:
     include_usage: bool
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None
+    has_max_tokens: bool = True
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -133,7 +135,22 @@ def parse_chat(body: dict[str, Any], default_max_tokens: int) -> GenerationReque
     ]
     given = [limit for limit in limits if limit is not None]
     max_tokens = min(given) if given else default_max_tokens
-    return replace(_request(body, bool(logprobs), max_tokens, None), messages=checked)
+    request = _request(body, bool(logprobs), max_tokens, None)
+    return replace(request, messages=checked, has_max_tokens=bool(given))
+
+
+def fit_default_max_tokens(
+    request: GenerationRequest, prompt_tokens: int, max_positions: int | None
+) -> GenerationRequest:
+    """A chat request without max_tokens gets at most what the model's positions leave.
+
+    OpenAI's default is "as many as fit"; the configured default may not fit after a long
+    prompt, and the request would be refused for a limit its sender never set.
+    """
+    room = None if max_positions is None else max(max_positions - prompt_tokens, 1)
+    if request.has_max_tokens or room is None or room >= request.sampling.max_tokens:
+        return request
+    return replace(request, sampling=replace(request.sampling, max_tokens=room))
 
 
 def _request(

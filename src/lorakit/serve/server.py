@@ -31,8 +31,10 @@ from .http_errors import AuthError, RequestFieldError, error_body, error_payload
 from .http_gate import ApiKeyGate
 from .http_generation import Reply, collect_events, response_body, stream_events
 from .http_metrics import ServerMetrics
+from .loading import max_positions
 from .openai_api import (
     GenerationRequest,
+    fit_default_max_tokens,
     parse_chat,
     parse_classification,
     parse_completion,
@@ -180,7 +182,9 @@ class _Routes:
         body = parse_json(await request.body())
         parsed = parse_chat(body, self.options.chat_default_max_tokens)
         assert parsed.messages is not None
-        return await self._generate(request, parsed, self.engine.chat_prompt(parsed.messages))
+        prompt = self.engine.chat_prompt(parsed.messages)
+        parsed = fit_default_max_tokens(parsed, len(prompt), max_positions(self.engine.model))
+        return await self._generate(request, parsed, prompt)
 
     async def _generate(self, request: Any, parsed: GenerationRequest, prompt: list[int]) -> Any:
         handle = self.engine.submit(prompt, adapter=parsed.adapter, sampling=parsed.sampling)
