@@ -240,6 +240,8 @@ def test_eva_refusals_name_the_problem() -> None:
         initialize_lora_eva_weights(model, _batches(), eva_state_dict={})
     with pytest.raises(UnsupportedOptionError, match=r"not LoRA layers of adapter"):
         initialize_lora_eva_weights(model, eva_state_dict={"lm_head": torch.zeros(1, 32)})
+    with pytest.raises(ConfigError, match=r"No adapter 'other'; adapters: \['default'\]"):
+        get_eva_state_dict(model, _batches(), adapter_name="other")
     with pytest.raises(UnsupportedOptionError, match=r"one-shot iterator"):
         initialize_lora_eva_weights(model, iter(_batches()))
     with pytest.raises(UnsupportedOptionError, match=r"prepare_layer_inputs_fn names \['nope'\]"):

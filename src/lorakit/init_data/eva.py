@@ -207,6 +207,11 @@ def _config_for(
                 "peft_config. Fix: pass peft_config=LoraConfig(init_lora_weights='eva', ...)."
             )
         peft_model: Any = model
+        if adapter_name not in peft_model.peft_config:
+            raise ConfigError(
+                f"No adapter {adapter_name!r}; adapters: {list(peft_model.peft_config)}. Fix: "
+                "pass adapter_name=<one of them>."
+            )
         config = peft_model.peft_config[adapter_name]
         assert isinstance(config, LoraConfig)
         return config
