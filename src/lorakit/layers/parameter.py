@@ -88,11 +88,6 @@ class LoraParameter(LoraLayer):
         """The adapted parameter (LoRA's delta not applied)."""
         return self.base_weight()
 
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """None: the update has no bias term."""
-        return None
-
     # --- adapters --------------------------------------------------------------------------
     def _create_adapter(
         self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device
