@@ -34,6 +34,7 @@ from parity.parity_support import (
     assert_forward_matches_peft,
     build_pair,
     changes_output,
+    layer_settings,
     max_abs_diff,
     run,
     tiny_llama,
@@ -418,3 +419,26 @@ def test_targets_peft_leaves_as_they_are_adapt_the_same_layers(
         )
     model = get_peft_model(make_base(), LoraConfig(target_modules=target_modules))
     assert adapted_names(model) == adapted_names(peft_model)
+
+
+def test_patterns_rslora_and_layer_selectors_act_as_in_peft() -> None:
+    """rank/alpha patterns match parameter paths; layers_to_transform selects modules only
+    (peft matches target_parameters by name alone); the default init starts at the base."""
+    options = {
+        "target_modules": ["q_proj"],
+        "target_parameters": EXPERTS,
+        "layers_to_transform": [0],
+        "rank_pattern": {"gate_up_proj": 3},
+        "alpha_pattern": {"down_proj": 7},
+        "use_rslora": True,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(tiny_qwen3_moe(), peft.LoraConfig(**options))
+    model = get_peft_model(tiny_qwen3_moe(), LoraConfig(**options))
+    assert layer_settings(model) == layer_settings(peft_model)
+    assert "model.layers.1.mlp.experts" in layer_settings(model)
+    assert "model.layers.1.self_attn.q_proj" not in layer_settings(model)
+    assert layer_settings(model)["model.layers.0.mlp.experts.base_layer"][0] == {"default": 3}
+    ids = token_batch(batch=2, length=9)
+    assert torch.equal(run(model, ids), run(tiny_qwen3_moe(), ids))  # B = 0: W + 0 is W
