@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,3 +57,15 @@ def test_the_api_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     assert given.api_key == "flag"
     monkeypatch.delenv("LORAKIT_API_KEY")
     assert build_parser().parse_args(["serve", "--base", "b"]).api_key is None
+
+
+def test_an_adapter_that_cannot_load_is_one_line_naming_it(
+    served_folders: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["--adapter", f"sql={served_folders.adapter('sql')}", "--adapter", f"gone={tmp_path}"]
+    assert main(["serve", "--base", str(served_folders.base), *flags]) == 2
+    err = capsys.readouterr().err  # transformers' loading bar comes first
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lorakit serve: error: ") and str(tmp_path) in last
+    assert "adapter_config.json" in last
