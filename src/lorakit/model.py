@@ -82,6 +82,15 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """The inner model's, read by `transformers.Trainer` when it is built; raises
+        `UnsupportedOptionError` in a plain `Trainer`, which would save this model whole
+        (`lorakit.integrations.trainer_guard`)."""
+        from .integrations.trainer_guard import accepts_loss_kwargs
+
+        return accepts_loss_kwargs(self.base_model)
+
     def get_base_model(self) -> nn.Module:
         """The user's model, with lorakit layers in it."""
         model: nn.Module = self.base_model.model

@@ -244,3 +244,36 @@ def test_the_inner_models_inputs_and_labels_are_kept(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model(input_ids=ids, start_positions=starts, end_positions=starts + 2).loss
     assert trainer.evaluate()["eval_loss"] == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_plain_trainer_with_a_lorakit_model_is_refused_when_built(tmp_path: Path) -> None:
+    """transformers.Trainer saves a model it does not know (not peft's classes) as its whole
+    state dict; with a lorakit model it raises when built, before anything is written."""
+    arguments = _arguments(tmp_path / "out", max_steps=1, save_steps=1)
+    with pytest.raises(
+        UnsupportedOptionError,
+        match=r"whole state dict.*lorakit\.integrations\.transformers\.LorakitTrainer in place "
+        r"of transformers\.Trainer.*lorakit_trainer_class\(YourTrainer\)",
+    ):
+        transformers.Trainer(model=_model(), args=arguments, train_dataset=_dataset(1))
+
+    class CustomTrainer(transformers.Trainer):
+        pass
+
+    with pytest.raises(UnsupportedOptionError, match=r"LorakitTrainer in place"):
+        CustomTrainer(model=_model(), args=arguments, train_dataset=_dataset(1))
+    assert not any((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_lorakit_trainers_read_the_models_loss_kwargs_as_trainer_did(tmp_path: Path) -> None:
+    """Inside LorakitTrainer the model answers as before the guard: the inner model's
+    attribute if it has one, else Trainer's fallback to the wrapper's forward (**kwargs)."""
+    from lorakit.integrations.transformers import lorakit_trainer_class
+
+    model = _model()
+    assert not hasattr(model.get_base_model(), "accepts_loss_kwargs")  # tiny Llama: none
+    arguments = _arguments(tmp_path, max_steps=1, save_strategy="no")
+    assert LorakitTrainer(model=model, args=arguments).model_accepts_loss_kwargs is True
+    model.get_base_model().accepts_loss_kwargs = False  # as many transformers models set
+    custom = lorakit_trainer_class(transformers.Trainer)
+    assert custom(model=model, args=arguments).model_accepts_loss_kwargs is False

@@ -151,3 +151,22 @@ def test_an_adapter_on_lm_head_is_refused(tmp_path: Path) -> None:
             train_dataset=_corpus(),
             processing_class=tokenizer,
         )
+
+
+def test_plain_sft_trainer_with_a_lorakit_model_is_refused_when_built(tmp_path: Path) -> None:
+    """trl.SFTTrainer is a transformers.Trainer: it would save the whole state dict (and TRL
+    1.16's fused LM head patches the wrapper, failing at the first step); it raises when built,
+    naming LorakitSFTTrainer."""
+    tokenizer = build_causal_tokenizer()
+    with pytest.raises(
+        UnsupportedOptionError,
+        match=r"whole state dict.*lorakit\.integrations\.trl\.LorakitSFTTrainer in place of "
+        r"trl\.SFTTrainer",
+    ):
+        trl.SFTTrainer(
+            model=_lorakit_model(tokenizer, target_modules=["q_proj"]),
+            args=_arguments(tmp_path / "out"),
+            train_dataset=_corpus(),
+            processing_class=tokenizer,
+        )
+    assert not any((tmp_path / "out").glob("checkpoint-*"))

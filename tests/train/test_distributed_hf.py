@@ -1,8 +1,10 @@
-"""A lorakit ``PeftModel`` trains under ``transformers.Trainer`` on 2 ranks (gloo on CPU).
+"""A lorakit ``PeftModel`` trains under ``LorakitTrainer`` on 2 ranks (gloo on CPU).
 
-``transformers.Trainer`` does its own DDP wrapping through accelerate; this checks that a lorakit
-model goes through it, launched by ``torchrun`` and by ``accelerate launch``: both ranks see
-world size 2 and rank 0 saves an adapter that moved.
+``LorakitTrainer`` (``transformers.Trainer`` for lorakit models; the plain class refuses them)
+does its own DDP wrapping through accelerate; this checks that a lorakit model goes through
+it, launched by ``torchrun`` and by ``accelerate launch``: both ranks see world size 2 and
+rank 0 saves an adapter that moved (``tests/integrations/test_transformers_distributed.py``
+checks that adapter against one process).
 
 ``accelerate launch --multi_gpu`` starts its processes with torchrun, so on a machine without
 GPUs it runs CPU ranks over gloo. ``accelerate launch --cpu --num_processes N`` is not that:
@@ -24,12 +26,13 @@ from train.distributed_launch import ROOT, communicate, popen, read_adapter, tor
 
 
 def worker(output_dir: str) -> None:
-    """Train 2 steps with ``transformers.Trainer``; rank 0 saves the adapter."""
+    """Train 2 steps with ``LorakitTrainer``; rank 0 saves the adapter."""
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
     torch.set_num_threads(1)
     import transformers
 
     from lorakit import LoraConfig, get_peft_model
+    from lorakit.integrations.transformers import LorakitTrainer
     from tiny_models import tiny_llama
     from train.conftest import CAUSAL_CORPUS, build_causal_tokenizer
 
@@ -49,7 +52,7 @@ def worker(output_dir: str) -> None:
         report_to=[],
         save_strategy="no",
     )
-    trainer = transformers.Trainer(model=model, args=arguments, train_dataset=rows)
+    trainer = LorakitTrainer(model=model, args=arguments, train_dataset=rows)
     trainer.train()
     rank = os.environ.get("RANK", "0")
     report = {"world_size": trainer.args.world_size, "mode": str(trainer.args.parallel_mode)}

@@ -14,8 +14,10 @@ overriding those three methods (documented points of extension: "subclass and ov
   model's adapters in place, after checking they fit (`integrations.checkpoints`); with the
   optimizer, scheduler and RNG states `Trainer` restores, training continues exactly.
 
-Other models pass through to the `Trainer` methods unchanged. transformers is imported only
-when `LorakitTrainer` is first used.
+Other models pass through to the `Trainer` methods unchanged. The plain `Trainer` (or any
+subclass without the mixin) given a lorakit model raises when it is built, naming these
+classes (`integrations.trainer_guard` says why no cleaner way exists). transformers is
+imported only when `LorakitTrainer` is first used.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..extras import import_optional
 from ..io.atomic import write_file
 from ..model import PeftModel
 from .checkpoints import load_checkpoint_adapters
+from .trainer_guard import lorakit_trainer_building
 
 # Trainer writes its arguments beside every saved model under this name (transformers'
 # `TRAINING_ARGS_NAME`).
@@ -50,7 +53,8 @@ class LorakitTrainerMixin:
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        with lorakit_trainer_building():  # the plain Trainer is refused (trainer_guard)
+            super().__init__(*args, **kwargs)
         model = self._lorakit_model()
         if model is not None:
             _inspect_inner_model(self, model)
