@@ -358,7 +358,9 @@ def test_corda_temporary_fields_and_verbose(caplog: pytest.LogCaptureFixture) ->
     assert count == 2
 
 
-def test_corda_saved_file_and_converted_save_as_peft(tmp_path: Path) -> None:
+def test_corda_saved_file_and_converted_save_as_peft(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     theirs, ours = _corda_models(tiny_llama, ["q_proj", "v_proj"], {})
     for library, model in (("peft", theirs), ("lorakit", ours)):
         _quiet(lambda model=model, library=library: model.save_pretrained(tmp_path / library / "0"))
@@ -375,6 +377,7 @@ def test_corda_saved_file_and_converted_save_as_peft(tmp_path: Path) -> None:
         )
     trained = _logits(ours)
     torch.testing.assert_close(_logits(theirs), trained, atol=OUTPUT_TOL, rtol=0)
+    ours.save_pretrained(tmp_path / "raw")  # the trained adapter, for the residual base
     their_file = load_file(tmp_path / "peft" / "converted" / "adapter_model.safetensors")
     our_file = load_file(tmp_path / "lorakit" / "converted" / "adapter_model.safetensors")
     assert set(our_file) == set(their_file)
@@ -387,12 +390,29 @@ def test_corda_saved_file_and_converted_save_as_peft(tmp_path: Path) -> None:
         torch.testing.assert_close(_logits(loaded), trained, atol=OUTPUT_TOL, rtol=0)
         their_loaded = _quiet(lambda f=folder: peft.PeftModel.from_pretrained(tiny_llama(), f))
         torch.testing.assert_close(_logits(their_loaded), trained, atol=OUTPUT_TOL, rtol=0)
-    # the file saved right after init holds A and B for the residual base: plain LoRA there
+    # A file with init_lora_weights="corda" holds A and B for the residual base: lorakit loads
+    # it as plain LoRA there; peft re-runs the init on load (it needs preprocess_corda), so it
+    # loads the file as plain LoRA only with init_lora_weights=True in the config.
     residual = ours.unload()
-    initial = PeftModel.from_pretrained(residual, tmp_path / "lorakit" / "0")
-    # the conversion rewrote its config as peft does: init_lora_weights=True (corda_config,
-    # kept there by both, dropped on load with a warning)
-    assert initial.peft_config["default"].init_lora_weights is True
+    raw = PeftModel.from_pretrained(copy.deepcopy(residual), tmp_path / "raw")
+    assert raw.peft_config["default"].init_lora_weights == "corda"
+    torch.testing.assert_close(_logits(raw), trained, atol=OUTPUT_TOL, rtol=0)
+    with pytest.raises(ValueError, match=r"`eigens` attribute not found"):
+        _quiet(lambda: peft.PeftModel.from_pretrained(copy.deepcopy(residual), tmp_path / "raw"))
+    plain = peft.LoraConfig.from_pretrained(tmp_path / "raw")
+    plain.init_lora_weights, plain.corda_config = True, None
+    their_raw = _quiet(
+        lambda: peft.PeftModel.from_pretrained(
+            copy.deepcopy(residual), tmp_path / "raw", config=plain
+        )
+    )
+    torch.testing.assert_close(_logits(their_raw), trained, atol=OUTPUT_TOL, rtol=0)
+    # the conversion rewrote the initial folder's config as peft does: init_lora_weights=True,
+    # corda_config kept (by both); lorakit drops that record on load, with a warning
+    with caplog.at_level(logging.WARNING, logger="lorakit"):
+        initial = PeftModel.from_pretrained(residual, tmp_path / "lorakit" / "0")
+    assert "corda_config dropped: init_lora_weights=True does not use it" in caplog.text
+    assert initial.peft_config["default"].corda_config is None
     torch.testing.assert_close(_logits(initial), _logits(tiny_llama()), atol=OUTPUT_TOL, rtol=0)
 
 
