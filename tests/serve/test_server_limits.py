@@ -136,6 +136,24 @@ def test_without_an_adapters_root_loading_is_refused(served_folders: Any) -> Non
         assert listed["data"][0]["r"] == 4 and listed["data"][0]["task"] == "causal_lm"
 
 
+def test_an_unexpected_error_is_a_500_without_details_and_serving_goes_on(
+    served_folders: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _engine(served_folders)
+
+    def broken() -> dict[str, Any]:  # no request reaches an engine bug on purpose
+        raise RuntimeError("secret detail")
+
+    with serving(engine) as url:
+        monkeypatch.setattr(engine, "adapters", broken)
+        answer = httpx.get(url + "/v1/models", timeout=120)
+        assert answer.status_code == 500
+        assert answer.json()["error"]["type"] == "server_error"
+        assert "secret detail" not in answer.text
+        monkeypatch.undo()
+        assert httpx.get(url + "/v1/models", timeout=120).json()["data"][1]["id"] == "sql"
+
+
 @pytest.fixture(scope="module")
 def classifier_folders(
     tmp_path_factory: pytest.TempPathFactory, serve_tokenizer: Any

@@ -16,7 +16,6 @@ app is built (`pip install "lorakit[serve]"`).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ from .openai_api import (
 )
 from .types import BASE_ADAPTER
 
-logger = logging.getLogger(__name__)
 PURPOSE = "lorakit serve"
 MANAGEMENT_PREFIX = "/v1/adapters"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -107,6 +105,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
     app.add_exception_handler(starlette_exceptions.HTTPException, routes.on_http_exception)
     app.add_exception_handler(LorakitError, routes.on_error)
     app.add_exception_handler(ValueError, routes.on_error)
+    app.add_exception_handler(Exception, routes.on_error)  # 500 in OpenAI's shape
     table = (
         ("/health", "GET", routes.health),
         ("/metrics", "GET", routes.metrics_text),
@@ -142,9 +141,9 @@ class _Routes:
         return self.responses.JSONResponse(body)
 
     async def on_error(self, request: Any, error: Exception) -> Any:
+        # An unexpected error (500) answers without details; Starlette re-raises it after
+        # this answer and uvicorn logs the traceback.
         status, body = error_payload(error)
-        if status >= 500:
-            logger.error("request failed", exc_info=error)
         retry = {"Retry-After": str(self.options.retry_after_seconds)}
         headers = retry if status == 429 else None
         return self.responses.JSONResponse(body, status_code=status, headers=headers)
