@@ -205,14 +205,17 @@ def _adapter(model: str, extra: object) -> AdapterSpec:
 def _message(message: object, index: int) -> dict[str, str]:
     """One chat message as {"role", "content"}; content parts of type text are joined."""
     param = f"messages[{index}]"
-    if not isinstance(message, dict) or set(message) - {"role", "content", "name"}:
+    if not isinstance(message, dict) or set(message) - {"role", "content"}:
         raise RequestFieldError(
-            f"{param} must be an object with role and content (and name), got {_shown(message)}",
+            f"{param} must be an object with role and content only, got {_shown(message)}",
             param,
         )
     role, content = message.get("role"), message.get("content")
     if isinstance(content, list) and all(
-        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        isinstance(part, dict)
+        and set(part) == {"type", "text"}
+        and part["type"] == "text"
+        and isinstance(part["text"], str)
         for part in content
     ):
         content = "".join(part["text"] for part in content)
@@ -222,10 +225,7 @@ def _message(message: object, index: int) -> dict[str, str]:
             f"got role={_shown(role)}, content={_shown(content)}",
             param,
         )
-    checked = {"role": role, "content": content}
-    if isinstance(message.get("name"), str):
-        checked["name"] = message["name"]
-    return checked
+    return {"role": role, "content": content}
 
 
 def _stop(stop: object) -> tuple[str, ...]:
