@@ -141,7 +141,8 @@ def _factors(
         r = A.shape[0]
         alpha = pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
         scale = lora_scale(alpha, r, bool(config.get("use_rslora", False)))
-        factors[path] = (A.to(device, dtype), (B * scale).to(device, dtype))
+        # B is the reader's own copy (or a float copy of it): scaled in place, in fp32.
+        factors[path] = (A.to(device, dtype), B.mul_(scale).to(device, dtype))
     return factors
 
 

@@ -35,6 +35,7 @@ from lorakit.serve.requests import (
     check_limit,
     check_loaded,
     check_prompt,
+    classifications,
     collect_completion,
     row_choice,
 )
@@ -465,30 +466,22 @@ class Engine:
                 f"This engine's base is a {self._task} model; classify needs a sequence "
                 "classification base (…ForSequenceClassification)."
             )
+        if adapter is not None and not isinstance(adapter, str):
+            raise ValueError(f"classify takes one adapter name or None, got {adapter!r}.")
         tokenizer = self._require_tokenizer("Engine.classify")
         encoded = tokenizer(list(texts), padding=True, return_tensors="pt")
-        check_limit(
-            encoded["input_ids"].shape[1],
-            self.max_prompt_tokens,
-            "A text's length in tokens",
-            "Fix: shorten the text.",
-        )
+        length = encoded["input_ids"].shape[1]
+        fix = "Fix: shorten the text."
+        check_limit(length, self.max_prompt_tokens, "A text's length in tokens", fix)
         inputs = {key: value.to(self._device) for key, value in encoded.items()}
-        labels = text_config(self._model).id2label
         with self._queue:
             choice = self._row_choice(adapter)
             self._requests_total += len(texts)
             self._per_adapter_requests[adapter or BASE_ADAPTER] += len(texts)
         with self._model_lock:
             self._routing.set_rows([choice] * len(texts))
-            probs = torch.softmax(self._model(**inputs).logits.float(), dim=-1)
-        return [
-            Classification(
-                label=labels[int(row.argmax())],
-                scores={labels[i]: float(p) for i, p in enumerate(row)},
-            )
-            for row in probs
-        ]
+            logits = self._model(**inputs).logits
+        return classifications(logits, text_config(self._model).id2label)
 
     def stats(self) -> dict[str, Any]:
         """queue_depth, running, batch_size_last, tokens_generated_total, requests_total,

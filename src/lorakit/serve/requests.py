@@ -6,10 +6,18 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from lorakit.errors import RequestTooLargeError, UnknownAdapterError, closest_names
 from lorakit.serve.handle import RequestHandle
 from lorakit.serve.routing import RowChoice
-from lorakit.serve.types import BASE_ADAPTER, AdapterSpec, Completion, SamplingParams
+from lorakit.serve.types import (
+    BASE_ADAPTER,
+    AdapterSpec,
+    Classification,
+    Completion,
+    SamplingParams,
+)
 
 
 @dataclass(frozen=True)
@@ -132,3 +140,15 @@ def collect_completion(handle: RequestHandle) -> Completion:
         finish_reason=reason,
         logprobs=[float(lp) for lp in logprobs if lp is not None] if has_logprobs else None,
     )
+
+
+def classifications(logits: torch.Tensor, id2label: Mapping[int, str]) -> list[Classification]:
+    """One `Classification` per row of classifier logits (rows, labels): softmax, best label."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return [
+        Classification(
+            label=id2label[int(row.argmax())],
+            scores={id2label[i]: float(p) for i, p in enumerate(row)},
+        )
+        for row in probs
+    ]
