@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigSource, LoraConfig
@@ -197,6 +198,11 @@ def _progress(items: Iterable[Any], show: bool) -> Any:
     return tqdm(items, leave=False)
 
 
+def _is_main_process() -> bool:
+    """Rank 0 under torch.distributed (the one that shows the progress bar), else True."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def _config_for(
     model: nn.Module, peft_config: ConfigSource | None, adapter_name: str, is_peft_model: bool
 ) -> LoraConfig:
@@ -277,7 +283,8 @@ def get_eva_state_dict(
         adapter_name: The adapter whose layers and ranks are used (PeftModel).
         gather_distributed_inputs: Under `torch.distributed`, gather every process's rows
             (set False when each process sees the same data).
-        show_progress_bar: A tqdm bar with the number of converged layers.
+        show_progress_bar: A tqdm bar with the number of converged layers (on rank 0 only
+            under torch.distributed).
 
     Returns:
         Layer name (as `model.named_modules()` names it) -> components (rank, in), float32,
@@ -316,7 +323,7 @@ def get_eva_state_dict(
                 run,
                 prepare_model_inputs_fn,
                 gather_distributed_inputs,
-                show_progress_bar,
+                show_progress_bar and _is_main_process(),
                 device,
             )
     finally:
