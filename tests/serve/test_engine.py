@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -304,3 +306,26 @@ def test_a_layer_replication_adapter_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ServeError, match=r"layer_replication=\[\[1, 2\], \[0, 1\]\], which the"):
         engine.load_adapter("swap", swapped)
     assert sorted(engine.adapters()) == []
+
+
+def test_the_engine_example_in_docs_serving_runs(
+    folders: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    blocks = re.findall(r"```python title=engine.py\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) == 1
+    byte_llama().save_pretrained(tmp_path / "my-model")
+    byte_tokenizer().save_pretrained(tmp_path / "my-model")
+    for name, source in (("sql", "a"), ("polite", "b")):
+        shutil.copytree(folders[source], tmp_path / "adapters" / name)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "docs/serving.md", "exec"), {"__name__": "docs"})
+    lines = capsys.readouterr().out.splitlines()
+    prompt = list(b"the cat sat")
+    sql = merged_by_hand(byte_llama(), {folders["a"]: 1.0})
+    assert lines[0] == f"length {greedy_reference(sql, prompt, 16)}"
+    assert lines[2] == f"length {greedy_reference(byte_llama(), prompt, 16)}"
+    assert "'per_adapter_requests': {'sql': 2, 'polite': 2, 'base': 1}" in lines[-1]

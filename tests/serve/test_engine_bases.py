@@ -44,10 +44,30 @@ def tiny_qwen2() -> torch.nn.Module:
     return transformers.Qwen2ForCausalLM(config).eval()
 
 
+def tiny_mistral() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.MistralConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.MistralForCausalLM(config).eval()
+
+
 @pytest.mark.parametrize(
     ("factory", "targets", "transpose"),
-    [(tiny_gpt2, ["c_attn", "c_proj", "c_fc"], True), (tiny_qwen2, "all-linear", False)],
-    ids=["gpt2", "qwen2"],
+    [
+        (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], True),
+        (tiny_qwen2, "all-linear", False),
+        (tiny_mistral, ["q_proj", "v_proj", "down_proj"], False),
+    ],
+    ids=["gpt2", "qwen2", "mistral"],
 )
 def test_families_mixed_batch_greedy_tokens_equal_merged_models(
     tmp_path: Path, factory: object, targets: object, transpose: bool
