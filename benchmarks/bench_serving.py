@@ -191,7 +191,7 @@ def held_bytes(engine: Any) -> int:
     """Bytes of the factors every bank of the engine holds."""
     total = 0
     for bank in engine._banks.layers.values():
-        for tensor in (bank.A, bank.B):
+        for tensor in (bank.A, bank.B_t):
             if tensor is not None:
                 total += tensor.untyped_storage().nbytes()
     return total

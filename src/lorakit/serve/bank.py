@@ -21,9 +21,9 @@ from lorakit.serve.routing import BatchRouting, Layout
 class AdapterBank(nn.Module):
     """A base layer plus the stacked factors of every adapter that adapts it.
 
-    A (R, in) holds the adapters' A matrices one under the other, B (out, R) their s·B side
-    by side, in `layout` order; R is the sum of their ranks (no padding, so a loaded adapter
-    costs exactly its tensors).
+    A (R, in) holds the adapters' A matrices one under the other, B_t (R, out) their (s·B)^T
+    likewise, in `layout` order; R is the sum of their ranks (no padding, so a loaded adapter
+    costs exactly its tensors). B is kept transposed so that both routes read rows of it.
     """
 
     def __init__(self, base_layer: nn.Module, routing: BatchRouting) -> None:
@@ -35,41 +35,41 @@ class AdapterBank(nn.Module):
         self.routing = routing
         self.layout: Layout = ()
         self.A: torch.Tensor | None = None
-        self.B: torch.Tensor | None = None
+        self.B_t: torch.Tensor | None = None
 
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
         """Stack adapter `name`'s A (r, in) and s·B (out, r) after the others."""
         assert A.shape[1] == self.in_features and B.shape[0] == self.out_features
         self.A = A if self.A is None else torch.cat([self.A, A], dim=0)
-        self.B = B if self.B is None else torch.cat([self.B, B], dim=1)
+        self.B_t = B.t().contiguous() if self.B_t is None else torch.cat([self.B_t, B.t()], dim=0)
         self.layout = (*self.layout, (name, A.shape[0]))
 
     def remove(self, name: str) -> None:
-        """Drop adapter `name`'s columns (a no-op when it does not adapt this layer)."""
+        """Drop adapter `name`'s rows (a no-op when it does not adapt this layer)."""
         names = [n for n, _ in self.layout]
         if name not in names:
             return
-        assert self.A is not None and self.B is not None
+        assert self.A is not None and self.B_t is not None
         index = names.index(name)
         first = sum(r for _, r in self.layout[:index])
         last = first + self.layout[index][1]
         self.layout = self.layout[:index] + self.layout[index + 1 :]
         if not self.layout:
-            self.A = self.B = None
+            self.A = self.B_t = None
             return
         self.A = torch.cat([self.A[:first], self.A[last:]], dim=0)
-        self.B = torch.cat([self.B[:, :first], self.B[:, last:]], dim=1)
+        self.B_t = torch.cat([self.B_t[:first], self.B_t[last:]], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.A is None or self.B is None:
+        if self.A is None or self.B_t is None:
             return result
         plan = self.routing.plan(self.layout, self.A.dtype, self.A.device)
         if plan is None:
             return result
         rows = x.shape[0]
         x3 = x.reshape(rows, -1, self.in_features).to(self.A.dtype)  # (rows, seq, in)
-        delta = plan.delta(x3, self.A, self.B)
+        delta = plan.delta(x3, self.A, self.B_t.t())
         return result + delta.view(result.shape).to(result.dtype)
 
 
