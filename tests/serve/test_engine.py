@@ -197,6 +197,9 @@ def test_cancel_frees_the_row_at_the_next_step_and_ends_the_stream(
     cancelled.cancel()
     engine._run_steps(1)
     assert engine._scheduler.batch.rows == 1 and engine.stats()["running"] == 1
+    # The cancelled row had the longer prompt: the padding columns left of `other` are cut.
+    batch = engine._scheduler.batch
+    assert bool(batch.mask.all()) and batch.length == len(PROMPT[:3]) + 3  # 3 tokens fed
     events = list(cancelled)
     assert [e.finish_reason for e in events] == [None] * 3 + ["cancelled"]
     assert events[-1].token_id == -1 and cancelled.completion_tokens == 3
@@ -204,6 +207,26 @@ def test_cancel_frees_the_row_at_the_next_step_and_ends_the_stream(
     reference = merged_by_hand(byte_llama(), {folders["b"]: 1.0})
     assert [e.token_id for e in other] == greedy_reference(reference, PROMPT[:3], 30)
     assert engine._scheduler.batch.rows == 0 and engine._scheduler.batch.cache is None
+
+
+def test_a_failing_forward_ends_its_requests_with_error_and_the_engine_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = _engine()
+    failing = engine.submit(PROMPT, sampling=SamplingParams(max_tokens=4))
+    scheduler = engine._scheduler
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(scheduler, "_forward", broken)
+    engine._run_inline([failing])
+    assert [(e.token_id, e.finish_reason) for e in failing] == [(-1, "error")]
+    monkeypatch.undo()
+    assert scheduler.batch.rows == 0 and engine.stats()["running"] == 0
+    working = engine.submit(PROMPT, sampling=SamplingParams(max_tokens=4))
+    engine._run_inline([working])
+    assert [e.token_id for e in working] == greedy_reference(byte_llama(), PROMPT, 4)
 
 
 def test_hot_load_and_unload_while_requests_run(folders: dict[str, Path]) -> None:
