@@ -169,18 +169,19 @@ def test_adapters_the_engine_cannot_serve_are_refused_before_any_change(
         engine.load_adapter("a", folders["b"])
     with pytest.raises(ServeError, match="name 'base' is not allowed"):
         engine.load_adapter("base", folders["a"])
-    config = json.loads((folders["a"] / "adapter_config.json").read_text())
-    config["task_type"] = "SEQ_CLS"
-    wrong = tmp_path / "wrong"
-    wrong.mkdir()
-    (wrong / "adapter_config.json").write_text(json.dumps(config))
-    (wrong / "adapter_model.safetensors").write_bytes(
-        (folders["a"] / "adapter_model.safetensors").read_bytes()
-    )
-    with pytest.raises(
-        ServeError, match="task_type='SEQ_CLS', but this engine's base is a causal_lm"
-    ):
-        engine.load_adapter("wrong", wrong)
+    edits = [
+        ({"task_type": "SEQ_CLS"}, "task_type='SEQ_CLS', but this engine's base is a causal_lm"),
+        ({"target_parameters": ["mlp.experts"]}, r"target_parameters=\['mlp.experts'\]"),
+        ({"alora_invocation_tokens": [5, 6]}, r"alora_invocation_tokens=\[5, 6\]"),
+    ]
+    for index, (edit, message) in enumerate(edits):
+        config = json.loads((folders["a"] / "adapter_config.json").read_text())
+        edited = tmp_path / f"edited{index}"
+        edited.mkdir()
+        (edited / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+        shutil.copy(folders["a"] / "adapter_model.safetensors", edited)
+        with pytest.raises(ServeError, match=message):
+            engine.load_adapter(f"edited{index}", edited)
     assert sorted(engine.adapters()) == ["a", "b"]
     bank = engine.model.model.layers[0].self_attn.q_proj
     assert [name for name, _ in bank.layout] == ["a", "b"]

@@ -38,6 +38,9 @@ UNSERVED_OPTIONS: dict[str, tuple[object, ...]] = {
     "trainable_token_indices": (None,),
     "layer_replication": (None,),  # the file's layer paths name the replicated layers
     "bias": ("none", None),
+    "target_parameters": (None, []),
+    "alora_invocation_tokens": (None, []),
+    "arrow_config": (None,),
 }
 
 
