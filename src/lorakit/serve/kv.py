@@ -2,9 +2,10 @@
 
 transformers' `DynamicCache` holds (rows, heads, length, head_dim) per layer. Rows of different
 lengths share it left-padded, with a 0/1 attention mask (rows, length) marking real positions:
-a masked position gets a -inf score, so it adds exactly zero to a row's attention, and each row
-keeps its own position ids. Rows join (their prefill's cache is padded to the common length) and
-leave (their rows are dropped, then the columns no row uses any more are cut).
+transformers masks a padded position's score (its attention weight underflows to exactly 0),
+so padding adds nothing to a row's attention, and each row keeps its own position ids. Rows
+join (their prefill's cache is padded to the common length) and leave (their rows are dropped,
+then the columns no row uses any more are cut).
 """
 
 from __future__ import annotations
