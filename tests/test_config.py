@@ -31,7 +31,10 @@ from lorakit.errors import ConfigError
         ({"layers_to_transform": [-1]}, r"layers_to_transform=\[-1\]"),
         ({"rank_pattern": {"q": 0}}, r"rank_pattern\['q'\]=0"),
         ({"target_modules": [1]}, r"target_modules=\[1\]: must be a string"),
-        ({"use_dora": True}, r"use_dora=True: lorakit does not implement DoRA"),
+        (
+            {"use_dora": True, "init_lora_weights": "olora"},
+            r"use_dora=True with init_lora_weights='olora'",
+        ),
     ],
 )
 def test_invalid_values_name_the_field(options: dict[str, object], message: str) -> None:

@@ -126,7 +126,12 @@ class LoraConfig(ConfigFilesMixin):
         eva_config: An `EvaConfig`, for `init_lora_weights="eva"` only (its defaults if None).
         corda_config: A `CordaConfig`, for `init_lora_weights="corda"` only (its defaults if
             None).
-        use_dora: DoRA; not implemented, must stay False.
+        use_dora: DoRA (weight-decomposed LoRA): each adapted layer also learns a magnitude
+            per output row (`lora_magnitude_vector`, set at first to the row norms of
+            W + s·B·A) and computes with m · (W + s·B·A) / ||W + s·B·A||, the norm per row
+            treated as a constant in backward, as peft does. On nn.Linear, Conv1D,
+            nn.Conv1d/2d/3d and nn.Embedding, on full-precision and 4-bit bases; with
+            init_lora_weights True, False or "gaussian".
         layer_replication: Build a deeper model from the base's decoder layers before adapting
             it: a list of `[start, end)` ranges over the layer list (`[[0, 4], [2, 5]]` makes
             layers 0, 1, 2, 3, 2, 3, 4). Repeated layers share the base weights (nothing is
@@ -298,10 +303,12 @@ class LoraConfig(ConfigFilesMixin):
                 "layer_replication=[]: an empty list leaves no layers. Fix: give [start, end) "
                 "ranges, e.g. [[0, 2], [1, 2]], or None for no replication."
             )
-        if self.use_dora:
+        if self.use_dora and not (isinstance(init, bool) or init == "gaussian"):
             raise ConfigError(
-                "use_dora=True: lorakit does not implement DoRA, so this adapter would compute "
-                "something else than its config says. Fix: set use_dora=False, or use peft."
+                f"use_dora=True with init_lora_weights={init!r}: lorakit sets DoRA's "
+                "magnitude from A and B when the adapter is created, before that init would "
+                "change them (and W). Fix: use init_lora_weights=True, False or 'gaussian' "
+                "with DoRA, or use_dora=False."
             )
 
     @property

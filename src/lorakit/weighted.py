@@ -50,6 +50,14 @@ def add_weighted_adapter(
             "parameters (target_parameters): their A and B hold one block per expert (PEFT "
             "refuses them too). Fix: combine adapters without target_parameters."
         )
+    uses_dora = [name for name in adapters if model.peft_config[name].use_dora]
+    if uses_dora:
+        raise ConfigError(
+            f"add_weighted_adapter cannot combine DoRA adapters {uses_dora}: their magnitude "
+            "vectors would have to be combined too, which has no defined rule (peft keeps the "
+            "new adapter's freshly initialised magnitudes instead). Fix: combine adapters "
+            "without use_dora."
+        )
     uses_tokens = [n for n in adapters if model.peft_config[n].trainable_token_indices is not None]
     if uses_tokens:
         raise ConfigError(

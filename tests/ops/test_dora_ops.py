@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from lorakit.ops.dora import (
-    DenseBase,
+    DoraBranch,
     add_dora_output,
     as_rows,
-    dora_linear,
     dora_merged,
     dora_unmerged,
     row_norm_sq,
@@ -18,6 +17,9 @@ from lorakit.ops.dora import (
     weight_times_at,
 )
 from lorakit.ops.dropout import SharedDropout, new_draw
+from lorakit.ops.lora_bases import DenseBase
+from lorakit.ops.lora_branch import with_draw
+from lorakit.ops.lora_node import lora_forward
 
 # float64 maths on both sides: only summation order differs.
 EXACT = 1e-10
@@ -99,10 +101,32 @@ def _hand_dora(
     return x @ W.t() + b + (g - 1) * (x_dropped @ W.t()) + g * lora
 
 
+def _dora_layer(
+    x: torch.Tensor,
+    stored: torch.Tensor,
+    bias: torch.Tensor | None,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    n: torch.Tensor,
+    s: float,
+    is_transposed: bool = False,
+    p: float = 0.0,
+    route: str = "node",
+) -> torch.Tensor:
+    """A DoRA linear layer's output through the fused node or the branch's reference path."""
+    base = DenseBase(is_transposed)
+    branch = DoraBranch(s, p, n, base, stored, bias, SharedDropout())
+    if route == "reference":
+        x2 = x.reshape(-1, x.shape[-1])
+        result = base.output(x2, stored, bias).view(*x.shape[:-1], -1)
+        return branch.reference(result, x, tensors)
+    return lora_forward(x, base, (with_draw(branch, x),), stored, bias, tensors)
+
+
+@pytest.mark.parametrize("route", ["node", "reference"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_dora_linear_outputs_and_gradients_equal_the_hand_formula(
-    p: float, fan_in_fan_out: bool
+@pytest.mark.parametrize("is_transposed", [False, True])
+def test_dora_branch_outputs_and_gradients_equal_the_hand_formula(
+    route: str, p: float, is_transposed: bool
 ) -> None:
     W, A, B = _factors(6, 5, 2)
     generator = torch.Generator().manual_seed(3)
@@ -112,15 +136,14 @@ def test_dora_linear_outputs_and_gradients_equal_the_hand_formula(
     A.requires_grad_()
     B.requires_grad_()
     s = 1.25
-    stored = W.t().contiguous() if fan_in_fan_out else W
+    stored = W.t().contiguous() if is_transposed else W
     n = weight_norm(row_norm_sq(W), weight_times_at(W, A.detach()), A.detach(), B.detach(), s)
     torch.manual_seed(11)
-    y = dora_linear(x, b, A, B, m, n, s, DenseBase(stored, fan_in_fan_out), p, SharedDropout())
+    y = _dora_layer(x, stored, b, (A, B, m), n, s, is_transposed, p, route)
     torch.manual_seed(11)
     x_dropped = None
     if p > 0:
-        draw = new_draw(x, p)
-        mask = draw.x_kept.ne(0).view(x.shape).double()
+        mask = new_draw(x, p).x_kept.ne(0).view(x.shape).double()
         assert 0 < int(mask.sum()) < x.numel()  # the mask drops some entries, not all
         x_dropped = x * mask / (1 - p)  # keeps x's graph
     expected = _hand_dora(x, W, b, A, B, m, s, x_dropped)
@@ -132,14 +155,14 @@ def test_dora_linear_outputs_and_gradients_equal_the_hand_formula(
         torch.testing.assert_close(g_got, g_want, rtol=EXACT, atol=EXACT, msg=name)
 
 
-def test_dora_linear_on_a_bf16_base_runs_the_branch_in_fp32_and_rounds_once() -> None:
+def test_dora_branch_on_a_bf16_base_runs_in_fp32_and_rounds_once() -> None:
     W, A, B = _factors(6, 5, 2, torch.float32)
     x = torch.randn(3, 5).to(torch.bfloat16)
     m = torch.rand(6) + 0.5
     s = 2.0
     W16 = W.to(torch.bfloat16)
     n = weight_norm(row_norm_sq(W16), weight_times_at(W16, A), A, B, s)
-    y = dora_linear(x, None, A, B, m, n, s, DenseBase(W16))
+    y = _dora_layer(x, W16, None, (A, B, m), n, s)
     assert y.dtype == torch.bfloat16
     # The base output is the bf16 matmul's; the rest runs in fp32 and is rounded once.
     z = (x @ W16.t()).float()

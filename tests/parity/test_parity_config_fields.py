@@ -49,6 +49,7 @@ CARRIED: dict[str, dict[str, Any]] = {
     "layers_pattern": {"layers_to_transform": [0], "layers_pattern": "layers"},
     "rank_pattern": {"rank_pattern": {"v_proj": 2}},
     "alpha_pattern": {"alpha_pattern": {"v_proj": 3}},
+    "use_dora": {"use_dora": True},
     "loftq_config": {"init_lora_weights": "loftq", "loftq_config": {"loftq_iter": 2}},
     "eva_config": {"init_lora_weights": "eva", "eva_config": peft.EvaConfig(rho=1.5, whiten=True)},
     "corda_config": {
@@ -65,7 +66,6 @@ REFUSED: dict[str, Any] = {
     "megatron_config": {"num_layers": 2},
     "megatron_core": "my.megatron",
     "lora_ga_config": peft.LoraGAConfig(),
-    "use_dora": True,
     "velora_config": peft.VeloraConfig(),
     "alora_invocation_tokens": [1, 2],
     "use_qalora": True,
@@ -169,8 +169,8 @@ def test_refused_field_in_a_peft_written_file_raises(name: str, tmp_path: Path) 
 
 def test_refused_field_through_from_pretrained_config(tmp_path: Path) -> None:
     get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
-    config = _peft_config(target_modules=["q_proj"], use_dora=True)
-    with pytest.raises(ConfigError, match=r"use_dora=True"):
+    config = _peft_config(target_modules=["q_proj"], alora_invocation_tokens=[1, 2])
+    with pytest.raises(ConfigError, match=r"alora_invocation_tokens"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path, config=config)
 
 

@@ -109,6 +109,7 @@ def _add_to_targets(
             initialise_weights=initialise_weights,
             autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage,
+            use_dora=config.use_dora,
         )
 
 

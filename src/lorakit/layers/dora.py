@@ -15,7 +15,7 @@ embeddings. The maths is in `ops.dora`; this module reads a layer's weight in Do
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import MergeError
 from ..ops.dora import (
+    DoraBranch,
     add_dora_output,
     as_rows,
     dora_merged,
@@ -31,11 +32,16 @@ from ..ops.dora import (
     weight_norm,
     weight_times_at,
 )
+from ..ops.lora_bases import DenseBase
 from ..ops.merge import MergeRecord, apply_record, record_of
 
 if TYPE_CHECKING:
+    from ..ops.lora_node import NodeBase
     from .base import LoraLayer
     from .routing import AdapterSlot
+
+# What the fused node runs a base with: the base, its weight (None if packed), bias, dtype.
+NodeOperands = tuple["NodeBase", torch.Tensor | None, torch.Tensor | None, torch.dtype]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -265,3 +271,34 @@ def factor_view(layer: LoraLayer, adapter_name: str, ndim: int) -> torch.Tensor:
     if m.dim() > 1:  # conv: (1, out, 1, ...) already lines up with (N, out, ...)
         return g
     return g.view(*(1,) * (ndim - 1), -1)
+
+
+def linear_branch(
+    layer: LoraLayer, slot: AdapterSlot, operands: NodeOperands | None
+) -> tuple[DoraBranch, tuple[torch.Tensor, ...]]:
+    """A DoRA adapter of a linear layer as the fused node's branch, and its tensors (A, B, m).
+
+    With the node's `operands` the branch runs W on the dropped input through the node's own
+    base; without (the reference path) through the dense weight (dequantized if packed).
+    """
+    A, B = slot.pair()
+    p = slot.dropout_p if layer.training else 0.0
+    n = weight_norm_of(layer, slot.adapter_name)
+    if operands is not None:
+        base, weight, bias, _ = operands
+    else:
+        base = DenseBase(_is_transposed(layer) and not _is_packed(layer))
+        weight = weight_rows(layer) if _is_packed(layer) else layer.base_weight()
+        bias = getattr(layer.base_layer, "bias", None)
+    branch = DoraBranch(
+        slot.forward_scale(), p, n, base, weight, bias, layer.routing.shared_dropout
+    )
+    return branch, (A, B, magnitude(layer, slot.adapter_name))
+
+
+def node_fits(branches: Sequence[object], weight: torch.Tensor | None) -> bool:
+    """Whether the fused node can run these branches: a DoRA branch rescales the base output,
+    so it must be the only one, and the node's weight gradient would miss DoRA's factor."""
+    if not any(isinstance(branch, DoraBranch) for branch in branches):
+        return True
+    return len(branches) == 1 and (weight is None or not weight.requires_grad)

@@ -15,10 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ops.dora import DoraBranch
 from ..ops.lora import delta_weight
 from ..ops.lora_bases import DenseBase
 from ..ops.lora_branch import LoraBranch, with_draw
 from ..ops.lora_node import NodeBase, branch_dtype_fits, lora_forward
+from . import dora
 from .base import LoraLayer, module_weight
 from .init import LINEAR_INITS
 from .routing import AdapterRouting, AdapterSlot
@@ -89,8 +91,9 @@ class LoraLinear(LoraLayer):
         operands = self._node_base(x)
         if operands is not None:
             base, weight, bias, dtype = operands
-            pairs = [self._slot_branch(slot) for slot in slots]
-            if all(branch_dtype_fits(dtype, tensors) for _, tensors in pairs):
+            pairs = [self._slot_branch(slot, operands) for slot in slots]
+            fits = all(branch_dtype_fits(dtype, tensors) for _, tensors in pairs)
+            if fits and dora.node_fits([branch for branch, _ in pairs], weight):
                 branches = tuple(with_draw(branch, x) for branch, _ in pairs)
                 tensors = tuple(t for _, slot_tensors in pairs for t in slot_tensors)
                 return lora_forward(x, base, branches, weight, bias, tensors)
@@ -119,8 +122,12 @@ class LoraLinear(LoraLayer):
             return None
         return DenseBase(self.fan_in_fan_out), weight, bias, weight.dtype
 
-    def _slot_branch(self, slot: AdapterSlot) -> tuple[LoraBranch, tuple[torch.Tensor, ...]]:
+    def _slot_branch(
+        self, slot: AdapterSlot, operands: NodeOperands | None = None
+    ) -> tuple[LoraBranch | DoraBranch, tuple[torch.Tensor, ...]]:
         """The slot's adapter as a branch (no dropout draw yet) and its tensors: (A, B)."""
+        if slot.adapter_name in self.lora_magnitude_vector:  # DoRA: (A, B, m), `layers.dora`
+            return dora.linear_branch(self, slot, operands)  # operands: the node's, or None
         A, B = slot.pair()
         p = slot.dropout_p if self.training else 0.0
         branch = LoraBranch(slot.forward_scale(), p, False, self.routing.shared_dropout)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import MergeError
+from . import dora
 from .base import LoraLayer
 from .linear import LoraLinear, NodeOperands
 from .routing import AdapterRouting
@@ -80,10 +81,18 @@ class LoraPackedLinear(LoraLinear):
 
     @torch.no_grad()
     def merged_dense_weight(self, adapter_names: list[str]) -> torch.Tensor:
-        """W' = dequant(Q) + Σ s·BA over the named adapters this layer holds, in fp32."""
+        """W' = dequant(Q) + Σ s·BA over the named adapters this layer holds, in fp32 (a DoRA
+        adapter's g ⊙ (W' + s·BA), see `layers.dora`)."""
         weight = self.dequantized_weight()
+        norms = {  # DoRA's, against the base before any adapter is added in (as peft)
+            name: dora.weight_norm_of(self, name)
+            for name in adapter_names
+            if name in self.lora_magnitude_vector
+        }
         for adapter_name in adapter_names:
-            if adapter_name in self.r:
+            if adapter_name in norms:
+                weight = dora.merged_dense(self, adapter_name, weight, norms[adapter_name])
+            elif adapter_name in self.r:
                 weight += self.get_delta_weight(adapter_name).to(weight)
         return weight
 

@@ -31,40 +31,29 @@ B (dim, r)) is the linear case of Wᵀ: one norm per embedding dimension.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
-from .dropout import DropoutDraw, SharedDropout, new_draw, rebuild
+from .dropout import DropoutDraw, SharedDropout, new_draw, rebuild, unpack_mask
 
 # Rows of W cast to the adapter dtype at a time when forming P = W Aᵀ from a narrower base
 # (bounds the transient copy to this many rows × in).
 CAST_ROWS = 1024
+# s: a number (eager) or a 0-dim tensor (compiled).
+Scale = float | torch.Tensor
 
 
-class LinearBase(Protocol):
-    """A frozen linear base as DoRA's fused node uses it (W (out, in), no bias)."""
+class BaseMap(Protocol):
+    """What the DoRA branch asks of the fused node's base (`ops.lora_node`'s protocol)."""
 
-    def forward(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (N, in) -> x2 Wᵀ (N, out), in x2's dtype."""
-        ...
+    def output(
+        self, x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> torch.Tensor: ...
 
-    def input_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        """grad (N, out) -> grad W (N, in), in grad's dtype."""
-        ...
-
-
-class DenseBase:
-    """A dense weight stored (out, in), or (in, out) with `fan_in_fan_out` (as Conv1D)."""
-
-    def __init__(self, weight: torch.Tensor, fan_in_fan_out: bool = False) -> None:
-        self.weight = weight.t() if fan_in_fan_out else weight  # (out, in) view
-
-    def forward(self, x2: torch.Tensor) -> torch.Tensor:
-        return x2 @ self.weight.t()
-
-    def input_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad @ self.weight
+    def input_grad(
+        self, g: torch.Tensor, weight: torch.Tensor | None, into: torch.Tensor | None
+    ) -> torch.Tensor: ...
 
 
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -124,107 +113,119 @@ def dora_unmerged(W_merged: torch.Tensor, delta: torch.Tensor, g: torch.Tensor) 
     return W_merged.to(delta.dtype) / g - delta
 
 
-def _scaled(u: torch.Tensor, c: float | torch.Tensor) -> tuple[torch.Tensor, float]:
+def _scaled(u: torch.Tensor, c: Scale) -> tuple[torch.Tensor, float]:
     """(u', alpha) with alpha · u' = c · u (a tensor c is multiplied into the thin side)."""
     if isinstance(c, torch.Tensor):
         return u * c, 1.0
     return u, c
 
 
-def _draw(x: torch.Tensor, p: float, shared: SharedDropout | None) -> DropoutDraw | None:
+def _draw_for(x: torch.Tensor, p: float, shared: SharedDropout | None) -> DropoutDraw | None:
     if p == 0:
         return None
     return new_draw(x, p) if shared is None else shared.draw(x, p)
 
 
-def _dora_forward(
-    x2: torch.Tensor,
-    bias: torch.Tensor | None,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    g: torch.Tensor,
-    scale: float | torch.Tensor,
-    p: float,
-    draw: DropoutDraw | None,
-    base: LinearBase,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y (N, out) in x's dtype, t, u): t = x_d Wᵀ + s·x_d Aᵀ Bᵀ (N, out), u = x_d Aᵀ (N, r).
+class DoraBranch(NamedTuple):
+    """DoRA as a branch of the fused LoRA node (`ops.lora_node`), for a linear base.
 
-    The branch runs in A's dtype (x widened, the base outputs widened once); y is rounded into
-    x's dtype once. x_d = x without dropout; with it x_d = x_kept / (1 - p).
+    The node hands `forward` the base output without its bias, x Wᵀ (N, out), and adds the
+    bias after; the branch rescales it in place (it is the node's only branch):
+
+        no dropout:  out <- g ⊙ t,                         t = x Wᵀ + s·x Aᵀ Bᵀ
+        dropout:     out <- x Wᵀ - x_d Wᵀ + g ⊙ t,         t = x_d Wᵀ + s·x_d Aᵀ Bᵀ
+
+    with g = m / n and x_d = x_kept / (1 - p), running the base once more on x_kept. Tensors
+    (the node's autograd inputs): (A, B, m). Saved for backward: u = x_kept Aᵀ (N, r), t (N,
+    out) for m's gradient (Σ_N grad ⊙ t / n), and the packed dropout mask.
+
+    Attributes:
+        scale: s.
+        p: Dropout probability on the branch input (0 outside training).
+        n: The detached row norm of W + s·B A, (out,) in the adapter's dtype.
+        base: The node's base, to run W on the dropped input (dropout only).
+        weight: The base's weight as the node passes it (None for a packed one).
+        bias: The base's bias, for `reference` only (the node adds it itself).
+        shared: Per-model memo of dropout draws and rebuilt inputs.
+        draw: The forward's dropout draw, or None (and in the backward copy).
+        seed: The draw's seed (None without dropout).
     """
-    z = base.forward(x2)  # (N, out), x's dtype
-    if draw is None:
-        u = x2.to(A.dtype) @ A.t()  # (N, r)
-        t = z.to(A.dtype, copy=True)
-        su, alpha = _scaled(u, scale)
-        t.addmm_(su, B.t(), alpha=alpha)  # x Wᵀ + s·u Bᵀ
-        y = t * g
-    else:
-        keep = 1.0 / (1.0 - p)
-        zd = base.forward(draw.x_kept)  # (N, out): x_kept Wᵀ
-        u = draw.x_kept.to(A.dtype) @ A.t()
-        y = z.to(A.dtype, copy=True).sub_(zd.to(A.dtype), alpha=keep)  # x Wᵀ - x_d Wᵀ
-        t = zd.to(A.dtype, copy=True)
-        su, alpha = _scaled(u, scale)
+
+    scale: Scale
+    p: float
+    n: torch.Tensor
+    base: BaseMap
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None = None
+    shared: SharedDropout | None = None
+    draw: DropoutDraw | None = None
+    seed: int | None = None
+
+    @property
+    def needs_base_without_bias(self) -> bool:
+        return True  # g rescales x Wᵀ, not the bias
+
+    @property
+    def num_tensors(self) -> int:
+        return 3
+
+    def for_backward(self) -> DoraBranch:
+        return self._replace(draw=None)
+
+    def forward(
+        self, out: torch.Tensor, x2: torch.Tensor, tensors: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...]:
+        """Rescale `out` = x Wᵀ (N, out) in place into the DoRA output (without bias)."""
+        A, B, m = tensors
+        g = m.reshape(-1) / self.n  # (out,)
+        kept = x2 if self.draw is None else self.draw.x_kept
+        u = kept.to(A.dtype) @ A.t()  # (N, r)
+        su, alpha = _scaled(u, self.scale)
+        if self.draw is None:
+            t = out.to(A.dtype, copy=True).addmm_(su, B.t(), alpha=alpha)
+            if out.dtype == t.dtype:
+                torch.mul(t, g, out=out)
+            else:
+                out.copy_(t * g)  # rounded into the base dtype once
+            return u, t, torch.empty(0, dtype=torch.bool)
+        keep = 1.0 / (1.0 - self.p)
+        zd = self.base.output(self.draw.x_kept, self.weight, None)  # (N, out): x_kept Wᵀ
+        if out.dtype == A.dtype:
+            y = out.sub_(zd, alpha=keep)
+            t = zd  # its own tensor: reused
+        else:
+            y = out.to(A.dtype).sub_(zd.to(A.dtype), alpha=keep)
+            t = zd.to(A.dtype)
         t.addmm_(su, B.t(), alpha=alpha).mul_(keep)  # x_d Wᵀ + s·x_d Aᵀ Bᵀ
         y.addcmul_(t, g)
-    if bias is not None:
-        y.add_(bias)
-    return y.to(x2.dtype), t, u
+        if y is not out:
+            out.copy_(y)
+        return u, t, self.draw.saved_mask
 
-
-class _DoraLinear(torch.autograd.Function):
-    """DoRA over a frozen linear base as one node: forward as `dora_linear`, n detached.
-
-    Saves x, A, B, g, u (N, r), t (N, out) for m's gradient and, with dropout, the packed
-    mask (the dropped input is rebuilt in backward). The base's input-gradient is taken once
-    for g ⊙ grad without dropout, and with dropout once for grad and once for (g - 1) ⊙ grad
-    on the dropped input, as the two matmuls of the forward require.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        bias: torch.Tensor | None,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        m: torch.Tensor,
-        n: torch.Tensor,
-        scale: float | torch.Tensor,
-        p: float,
-        draw: DropoutDraw | None,
-        shared: SharedDropout | None,
-        base: LinearBase,
-    ) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        g = m.reshape(-1) / n  # (out,)
-        y, t, u = _dora_forward(x2, bias, A, B, g, scale, p, draw, base)
-        mask = draw.saved_mask if draw is not None else torch.empty(0, dtype=torch.bool)
-        ctx.save_for_backward(x, A, B, g, n, u, t, mask)
-        ctx.scale, ctx.p, ctx.shared, ctx.base = scale, p, shared, base
-        ctx.seed = draw.seed if draw is not None else None
-        ctx.has_bias, ctx.m_shape = bias is not None, m.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        need_x, need_bias, need_A, need_B, need_m = ctx.needs_input_grad[:5]
-        x, A, B, g, n, u, t, mask = ctx.saved_tensors
-        G = grad.reshape(-1, grad.shape[-1])  # (N, out), x's dtype
-        Gf = G.to(A.dtype)
-        Gg = Gf * g  # (N, out): the gradient reaching x_d Wᵀ + s·x_d Aᵀ Bᵀ, times g
-        keep = 1.0 / (1.0 - ctx.p)
-        c = ctx.scale * keep  # s / (1 - p): a number, or a 0-dim tensor under compile
-        x2 = x.reshape(-1, x.shape[-1])
-        kept = dropped = None
-        if ctx.seed is not None and (need_x or need_A):
-            rebuilt = rebuild if ctx.shared is None else ctx.shared.rebuild
-            dropped, kept = rebuilt(x2, mask, ctx.seed)
-        grad_m = grad_A = grad_B = grad_x = grad_bias = None
+    def backward(
+        self,
+        g: torch.Tensor,
+        x2: torch.Tensor,
+        tensors: tuple[torch.Tensor, ...],
+        saved: tuple[torch.Tensor, ...],
+        needs: tuple[bool, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor | None, ...]]:
+        """(gradient reaching x Wᵀ: g ⊙ grad without dropout, grad with it; the branch's
+        input-gradient; gradients of A, B and m)."""
+        A, B, m = tensors
+        u, t, saved_mask = saved
+        need_x, need_A, need_B, need_m = needs[:4]
+        G = g.to(A.dtype)  # the same tensor unless the base runs in another dtype
+        Gg = G * (m.reshape(-1) / self.n)  # (N, out)
+        keep = 1.0 / (1.0 - self.p)
+        c = self.scale * keep
+        dropped = kept = None
+        if self.seed is not None and (need_x or need_A):
+            rebuilt = self.shared.rebuild if self.shared is not None else rebuild
+            dropped, kept = rebuilt(x2, saved_mask, self.seed)
+        grad_x = grad_A = grad_B = grad_m = None
         if need_m:
-            grad_m = ((Gf * t).sum(0) / n).reshape(ctx.m_shape)
+            grad_m = ((G * t).sum(0) / self.n).reshape(m.shape)
         if need_B:
             grad_B = (u.t() @ Gg).mul_(c).t().contiguous()  # (out, r)
         if need_x or need_A:
@@ -232,80 +233,36 @@ class _DoraLinear(torch.autograd.Function):
             if need_A:
                 grad_A = grad_u.t() @ (x2 if kept is None else kept).to(A.dtype)  # (r, in)
             if need_x:
-                grad_x = _input_grad(ctx.base, G, Gg, Gf, g, grad_u @ A, dropped, keep)
-                grad_x = grad_x.view(x.shape)
-        if need_bias and ctx.has_bias:
-            grad_bias = G.sum(0)
-        return grad_x, grad_bias, grad_A, grad_B, grad_m, None, None, None, None, None, None
+                grad_x = grad_u @ A  # (N, in)
+        if dropped is None:
+            return Gg.to(g.dtype), grad_x, (grad_A, grad_B, grad_m)
+        if grad_x is not None:  # + (g - 1) ⊙ grad through W on the dropped input
+            on_dropped = ((Gg - G) * keep).to(g.dtype)
+            grad_x = self.base.input_grad(on_dropped, self.weight, grad_x)
+            grad_x.masked_fill_(dropped, 0)
+        return g, grad_x, (grad_A, grad_B, grad_m)
 
-
-def _input_grad(
-    base: LinearBase,
-    G: torch.Tensor,
-    Gg: torch.Tensor,
-    Gf: torch.Tensor,
-    g: torch.Tensor,
-    lora_grad: torch.Tensor,
-    dropped: torch.Tensor | None,
-    keep: float,
-) -> torch.Tensor:
-    """dL/dx (N, in) in G's dtype, from the branch's (N, in) `lora_grad` in the adapter dtype.
-
-    No dropout: (g ⊙ G) W + lora_grad. Dropout: G W + keep-mask ⊙ ((g - 1) ⊙ G W / (1 - p)
-    + lora_grad).
-    """
-    if dropped is None:
-        base_grad = base.input_grad(Gg.to(G.dtype))
-        return _sum_into(base_grad, lora_grad)
-    dropped_grad = base.input_grad((Gg - Gf).to(G.dtype))  # (g - 1) ⊙ G through W
-    lora_grad.add_(dropped_grad.to(lora_grad.dtype), alpha=keep).masked_fill_(dropped, 0)
-    return _sum_into(base.input_grad(G), lora_grad)
-
-
-def _sum_into(base_grad: torch.Tensor, branch_grad: torch.Tensor) -> torch.Tensor:
-    """base_grad + branch_grad in base_grad's dtype (a wider branch rounded in once)."""
-    if base_grad.dtype == branch_grad.dtype:
-        return base_grad.add_(branch_grad)
-    return branch_grad.add_(base_grad).to(base_grad.dtype)
-
-
-def dora_linear(
-    x: torch.Tensor,
-    bias: torch.Tensor | None,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    m: torch.Tensor,
-    n: torch.Tensor,
-    scale: float | torch.Tensor,
-    base: LinearBase,
-    dropout_p: float = 0.0,
-    shared: SharedDropout | None = None,
-) -> torch.Tensor:
-    """DoRA over a frozen linear base (see the module docstring), as one autograd node.
-
-    Args:
-        x: (..., in) in the base's dtype; `bias` (out,) in it too, or None.
-        A: (r, in) and B: (out, r), in x's dtype or wider (fp32 on a bf16/fp16 base).
-        m: The magnitude, out entries (any shape), in A's dtype.
-        n: The detached row norm of W + s·B A (out,) in A's dtype (`weight_norm`).
-        scale: s, a number or (under `torch.compile`) a 0-dim tensor.
-        base: Computes x Wᵀ and grad W for the frozen W (no bias).
-        dropout_p: Dropout on the branch's input (pass 0 outside training).
-        shared: The model's shared dropout memo (one mask per input tensor), or None.
-
-    Returns:
-        y (..., out) in x's dtype.
-    """
-    draw = _draw(x, dropout_p, shared)
-    tensors = (x, bias, A, B, m)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        out: torch.Tensor = _DoraLinear.apply(
-            x, bias, A, B, m, n, scale, dropout_p, draw, shared, base
-        )
-        return out
-    x2 = x.reshape(-1, x.shape[-1])
-    y = _dora_forward(x2, bias, A, B, m.reshape(-1) / n, scale, dropout_p, draw, base)[0]
-    return y.view(*x.shape[:-1], y.shape[-1])
+    def reference(
+        self, result: torch.Tensor, x: torch.Tensor, tensors: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """The DoRA update of `result` (the base module's output for x) by plain autograd,
+        with the mask `forward` would get (the same memo); rounded into result's dtype once."""
+        A, B, m = tensors
+        g = m.reshape(-1) / self.n
+        x_lora = x.to(A.dtype)
+        draw = _draw_for(x, self.p, self.shared)
+        on_dropped = None
+        if draw is not None:
+            dropped = unpack_mask(draw.saved_mask, (x.numel() // x.shape[-1], x.shape[-1]))
+            x_kept = x.masked_fill(dropped.view(x.shape), 0)
+            x_lora = x_kept.to(A.dtype)
+            x2 = x_kept.reshape(-1, x.shape[-1])
+            if self.weight is not None:
+                x2 = x2.to(self.weight.dtype)
+            z = self.base.output(x2, self.weight, None).view(*x.shape[:-1], -1)
+            on_dropped = z / (1.0 - self.p)
+        lora_out = (x_lora @ A.t()) @ B.t() * (self.scale / (1.0 - self.p))  # (..., out)
+        return add_dora_output(result, self.bias, lora_out, g, on_dropped).to(result.dtype)
 
 
 def add_dora_output(

@@ -11,7 +11,7 @@ wider one and rounded into it once. See `ops.lora_node` for the protocol it impl
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 import torch
 
@@ -37,10 +37,25 @@ def draw_for(x: torch.Tensor, p: float, shared: SharedDropout | None) -> Dropout
     return new_draw(x, p) if shared is None else shared.draw(x, p)
 
 
-def with_draw(branch: LoraBranch, x: torch.Tensor) -> LoraBranch:
+class DrawingBranch(Protocol):
+    """A branch `with_draw` can give a draw: LoRA's, or DoRA's (`ops.dora.DoraBranch`)."""
+
+    @property
+    def p(self) -> float: ...
+
+    @property
+    def shared(self) -> SharedDropout | None: ...
+
+    def _replace(self, *, draw: DropoutDraw | None = ..., seed: int | None = ...) -> Any: ...
+
+
+BranchT = TypeVar("BranchT", bound=DrawingBranch)
+
+
+def with_draw(branch: BranchT, x: torch.Tensor) -> BranchT:
     """The branch with its dropout draw for input x made (for the fused node's forward)."""
     draw = draw_for(x, branch.p, branch.shared)
-    return branch if draw is None else branch._replace(draw=draw, seed=draw.seed)
+    return branch if draw is None else cast(BranchT, branch._replace(draw=draw, seed=draw.seed))
 
 
 class LoraBranch(NamedTuple):
