@@ -63,10 +63,10 @@ def test_round_trip_and_no_shared_state() -> None:
 def test_peft_written_config_with_a_feature_lorakit_lacks_is_refused() -> None:
     import peft
 
-    data = peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True).to_dict()
-    with pytest.raises(ConfigError, match=r"lora_bias=True: lorakit does not implement"):
+    data = peft.LoraConfig(r=4, target_modules=["q_proj"], use_qalora=True).to_dict()
+    with pytest.raises(ConfigError, match=r"use_qalora=True: lorakit does not implement"):
         LoraConfig.from_dict(data)
-    data["lora_bias"] = False  # peft's defaults and bookkeeping fields load
+    data["use_qalora"] = False  # peft's defaults and bookkeeping fields load
     config = LoraConfig.from_dict(data)
     assert config.r == 4 and config.target_modules == ["q_proj"]
 

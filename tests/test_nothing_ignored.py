@@ -58,7 +58,7 @@ def _same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("alora_invocation_tokens", [5, 6]), ("lora_bias", True)],
+    [("alora_invocation_tokens", [5, 6]), ("use_qalora", True)],
 )
 def test_adapter_file_with_unimplemented_feature_raises_and_leaves_model(
     field: str, value: Any, tmp_path: Path

@@ -132,6 +132,11 @@ class LoraConfig(ConfigFilesMixin):
             treated as a constant in backward, as peft does. On nn.Linear, Conv1D,
             nn.Conv1d/2d/3d and nn.Embedding, on full-precision and 4-bit bases; with
             init_lora_weights True, False or "gaussian".
+        lora_bias: Train a bias b on lora_B (saved as PEFT's `lora_B.bias`), adding s·b to
+            the output (not dropped). Merging adds s·b to the base layer's bias, so a base
+            without a bias cannot be merged. On nn.Linear, Conv1D, nn.Conv1d/2d/3d and 4-bit
+            bases, not nn.Embedding; with init_lora_weights True (b starts at zero) or False,
+            not with DoRA (as in PEFT).
         layer_replication: Build a deeper model from the base's decoder layers before adapting
             it: a list of `[start, end)` ranges over the layer list (`[[0, 4], [2, 5]]` makes
             layers 0, 1, 2, 3, 2, 3, 4). Repeated layers share the base weights (nothing is
@@ -180,6 +185,7 @@ class LoraConfig(ConfigFilesMixin):
     eva_config: EvaConfig | None = None
     corda_config: CordaConfig | None = None
     use_dora: bool = False
+    lora_bias: bool = False
     revision: str | None = None
     target_parameters: list[str] | None = None
     layer_replication: list[list[int]] | None = None
@@ -303,6 +309,14 @@ class LoraConfig(ConfigFilesMixin):
                 "layer_replication=[]: an empty list leaves no layers. Fix: give [start, end) "
                 "ranges, e.g. [[0, 2], [1, 2]], or None for no replication."
             )
+        init = self.init_lora_weights
+        if self.lora_bias and (init not in (True, False) or self.use_dora):
+            raise ConfigError(
+                f"lora_bias=True with init_lora_weights={init!r}, use_dora={self.use_dora!r}: "
+                "as in PEFT, lora_bias works with init_lora_weights True or False and without "
+                "DoRA. Fix: set init_lora_weights=True or False and use_dora=False, or "
+                "lora_bias=False."
+            )
         if self.use_dora and not (isinstance(init, bool) or init == "gaussian"):
             raise ConfigError(
                 f"use_dora=True with init_lora_weights={init!r}: lorakit sets DoRA's "
@@ -391,7 +405,6 @@ UNSUPPORTED_PEFT_FIELDS: dict[str, tuple[object, str]] = {
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
     "arrow_config": (None, "Arrow routing among adapters"),
     "kasa_config": (None, "KaSA"),
-    "lora_bias": (False, "a trained bias on lora_B"),
     "lora_ga_config": (None, "LoRA-GA initialisation"),
     "megatron_config": (None, "Megatron-LM parallel layers"),
     "megatron_core": ("megatron.core", "Megatron-LM parallel layers"),

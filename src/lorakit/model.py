@@ -34,6 +34,7 @@ from .inject.trainable import refresh_trainable
 from .inject.trainable_tokens import apply_trainable_tokens, plan_trainable_tokens
 from .layers.base import LoraLayer
 from .layers.init import layer_init_name
+from .layers.lora_bias import check_bias_merge
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .layers.routing import AdapterRouting, batch_size_of, row_groups_for
 from .layers.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper
@@ -357,6 +358,8 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
         if in_place:
             for _, layer in layers:
                 layer.base_weight()  # raises if a base cannot hold a merged weight (4-bit)
+        for _, layer in layers:
+            check_bias_merge(layer, [name for name in names if name in layer.r])  # lora_bias
         if safe_merge:
             for key, layer in layers:
                 for name in names:

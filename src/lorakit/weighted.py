@@ -64,6 +64,13 @@ def add_weighted_adapter(
             f"add_weighted_adapter cannot combine adapters {uses_tokens}, which train token "
             "rows (trainable_token_indices). Fix: combine adapters without them."
         )
+    uses_bias = [name for name in adapters if model.peft_config[name].lora_bias]
+    if uses_bias:
+        raise ConfigError(
+            f"add_weighted_adapter cannot combine adapters {uses_bias}, which train a bias on "
+            "lora_B (lora_bias=True): the combination is of A and B only, so their biases "
+            "would be dropped. Fix: combine adapters without lora_bias."
+        )
     if any(model.peft_config[name].modules_to_save for name in adapters):
         raise ConfigError(
             "add_weighted_adapter cannot combine adapters that train whole modules "

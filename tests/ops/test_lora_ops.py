@@ -184,3 +184,50 @@ def test_conv_delta_weight_composes_kernels() -> None:
     composed = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, A), B) * 0.5
     merged = torch.nn.functional.conv2d(x, conv_delta_weight(A, B, 0.5))
     assert torch.allclose(composed, merged, atol=EXACT, rtol=0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float-scale", "tensor-scale"])
+def test_branch_with_lora_bias_matches_hand_computation(p: float, as_tensor: bool) -> None:
+    """lora_bias: y = x Wᵀ + b + s·B(A drop(x)) + s·b_B, b_B not dropped; every gradient
+    (b_B's is s·Σ g) against float64 autograd, with s a number (eager) or a 0-dim tensor
+    (compiled forwards), and the reference path equal to the node."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(4, 6, dtype=torch.float64)
+    scale = torch.tensor(0.75, dtype=torch.float64) if as_tensor else 0.75
+    branch = LoraBranch(scale, p, True, SharedDropout())
+    torch.manual_seed(5)
+    out = lora_forward(x, DenseBase(), (with_draw(branch, x),), W, None, (A, B, b))
+    torch.manual_seed(5)
+    mask = drop_mask((15, 6), p, draw_seed(), x.device).view(x.shape) if p else None
+    x_dropped = x * ~mask / (1 - p) if mask is not None else x
+    expected = x @ W.t() + 0.75 * ((x_dropped @ A.t()) @ B.t() + b)
+    assert torch.allclose(out, expected, atol=EXACT, rtol=0)
+    weights = torch.randn_like(expected)
+    got = torch.autograd.grad((out * weights).sum(), (x, A, B, b))
+    want = torch.autograd.grad((expected * weights).sum(), (x, A, B, b))
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=EXACT, rtol=0)
+    assert torch.allclose(got[3], 0.75 * weights.sum((0, 1)), atol=EXACT, rtol=0)
+    torch.manual_seed(5)
+    reference = branch.reference(x @ W.t(), x, (A, B, b))
+    assert torch.allclose(reference, expected, atol=EXACT, rtol=0)
+
+
+def test_branch_with_lora_bias_on_a_bf16_base_rounds_once() -> None:
+    """fp32 A, B and b_B on a bf16 base: the branch and its bias are summed in fp32 and rounded
+    into the bf16 output once, as the reference path does."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 6, generator=generator).bfloat16()
+    W = torch.randn(3, 6, generator=generator).bfloat16()
+    A, B = torch.randn(2, 6, generator=generator), torch.randn(3, 2, generator=generator)
+    b = torch.randn(3, generator=generator)
+    branch = LoraBranch(0.5, 0.0, True)
+    node = lora_forward(x, DenseBase(), (branch,), W, None, (A, B, b))
+    reference = branch.reference(x @ W.t(), x, (A, B, b))
+    assert node.dtype == torch.bfloat16
+    assert torch.equal(node, reference)

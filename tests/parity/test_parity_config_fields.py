@@ -60,6 +60,7 @@ CARRIED: dict[str, dict[str, Any]] = {
     "trainable_token_indices": {"trainable_token_indices": [0, 1]},
     "ensure_weight_tying": {"ensure_weight_tying": True},  # no tied weights: a warning only
     "target_parameters": {"target_parameters": ["mlp.up_proj.weight"]},
+    "lora_bias": {"lora_bias": True},  # Llama's projections have no bias: a warning only
 }
 # Fields of PEFT features lorakit does not implement, each set to a value peft accepts.
 REFUSED: dict[str, Any] = {
@@ -72,7 +73,6 @@ REFUSED: dict[str, Any] = {
     "qalora_group_size": 32,
     "monteclora_config": peft.MontecloraConfig(),
     "runtime_config": peft.LoraRuntimeConfig(ephemeral_gpu_offload=True),
-    "lora_bias": True,
     "use_bdlora": peft.BdLoraConfig(),
     "arrow_config": peft.ArrowConfig(),
     "kasa_config": peft.KasaConfig(),

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import LoraConfig, TaskType
 from ..constants import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_HEAD_MODULES
-from ..errors import TargetModuleError, UnsupportedModuleError, closest_names
+from ..errors import ConfigError, TargetModuleError, UnsupportedModuleError, closest_names
 from ..layers.base import LoraLayer
 from ..layers.bnb import is_bnb_linear4bit
 from ..layers.modules_to_save import ModulesToSaveWrapper
@@ -124,6 +124,12 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
                 f"Supported types: {supported_type_names()}. Name its linear/conv/embedding "
                 "children in target_modules instead."
             )
+        if config.lora_bias and not _takes_lora_bias(module):
+            raise ConfigError(
+                f"lora_bias=True targets {key!r}, a {type(module).__name__}: PEFT gives lora_B "
+                "a bias on linear and conv layers only (not embeddings). Fix: leave it out of "
+                "target_modules (exclude_modules), or set lora_bias=False."
+            )
         r = int(pattern_value(config.rank_pattern, key, config.r))
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
         targets.append(Target(key, entry, r, alpha))
@@ -135,6 +141,13 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
             f"{list(modules)[:6]}."
         )
     return InjectionPlan(tuple(targets), modules_to_save)
+
+
+def _takes_lora_bias(module: nn.Module) -> bool:
+    """Whether LoRA on `module` can give lora_B a bias (`lora_bias`): not on embeddings."""
+    if isinstance(module, LoraLayer):
+        return module.supports_lora_bias
+    return not isinstance(module, nn.Embedding)
 
 
 def saved_module_keys(modules: Iterable[str], names: list[str]) -> tuple[str, ...]:

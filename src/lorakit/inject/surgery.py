@@ -106,6 +106,7 @@ def _add_to_targets(
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init_lora_weights=config.init_lora_weights,
+            lora_bias=config.lora_bias,
             initialise_weights=initialise_weights,
             autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage,

@@ -18,11 +18,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AdapterNameError, MergeError
+from ..errors import AdapterNameError, ConfigError, MergeError
 from ..ops.lora import lora_scale
 from ..ops.merge import MergeRecord, merge_delta, unmerge_delta
 from . import dora
 from .init import InitFunction, initialise
+from .lora_bias import (
+    check_bias_merge,
+    init_lora_B_bias,
+    lora_B_bias,
+    merge_bias,
+    merged_bias_is_finite,
+    unmerge_bias,
+)
 from .routing import AdapterRouting, AdapterSlot, RowGroup
 
 
@@ -37,6 +45,7 @@ class LoraLayer(nn.Module):
     """A base layer plus any number of named LoRA adapters."""
 
     init_table: dict[object, InitFunction]
+    supports_lora_bias = False  # lora_B may have a bias (linear and conv layers)
 
     def __init__(self, base_layer: nn.Module, routing: AdapterRouting) -> None:
         super().__init__()
@@ -53,6 +62,8 @@ class LoraLayer(nn.Module):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA's m per adapter (`layers.dora`)
         self.dora_norms = dora.RowNormCache()
         self.dora_merge_factors: dict[str, torch.Tensor] = {}
+        self.lora_bias: dict[str, bool] = {}  # lora_B has a bias (`layers.lora_bias`)
+        self.bias_merge_records: dict[str, MergeRecord] = {}
         routing.attach(self)
 
     # --- what subclasses provide -------------------------------------------------------
@@ -137,6 +148,7 @@ class LoraLayer(nn.Module):
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
         use_dora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
         """Create the tensors of a new adapter in this layer and initialise them.
 
@@ -150,6 +162,13 @@ class LoraLayer(nn.Module):
         dtype, device = self.adapter_dtype_and_device(autocast_adapter_dtype)
         if low_cpu_mem_usage:
             device, initialise_weights = torch.device("meta"), False
+        if lora_bias and not self.supports_lora_bias:
+            raise ConfigError(
+                f"lora_bias=True on a {type(self).__name__}: PEFT gives lora_B a bias on "
+                "linear and conv layers only. Fix: leave this layer out of target_modules, "
+                "or set lora_bias=False."
+            )
+        self.lora_bias[adapter_name] = lora_bias
         self._create_adapter(adapter_name, r, dtype, device)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
@@ -158,6 +177,7 @@ class LoraLayer(nn.Module):
         if initialise_weights:
             A, B = self._adapter_pair(adapter_name)
             initialise(self.init_table, A, B, r, init_lora_weights)
+            init_lora_B_bias(self, adapter_name, r, init_lora_weights)
         if use_dora:
             dora.create_magnitude(self, adapter_name, dtype, device)
         self.refresh_slots()
@@ -169,6 +189,7 @@ class LoraLayer(nn.Module):
         self._remove_adapter_tensors(adapter_name)
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
+        self.lora_bias.pop(adapter_name, None)
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p):
             del table[adapter_name]
         self.refresh_slots()
@@ -205,6 +226,9 @@ class LoraLayer(nn.Module):
     def set_adapter_trainable(self, adapter_name: str, is_trainable: bool) -> None:
         for tensor in self._adapter_pair(adapter_name):
             tensor.requires_grad_(is_trainable)
+        bias = lora_B_bias(self, adapter_name)
+        if bias is not None:
+            bias.requires_grad_(is_trainable)
         if adapter_name in self.lora_magnitude_vector:
             dora.magnitude(self, adapter_name).requires_grad_(is_trainable)
 
@@ -316,7 +340,8 @@ class LoraLayer(nn.Module):
         if adapter_name in self.lora_magnitude_vector:
             n = dora.weight_norm_of(self, adapter_name)
             return bool(torch.isfinite(dora.merged_dense(self, adapter_name, weight, n)).all())
-        return bool(torch.isfinite(weight + self.get_delta_weight(adapter_name)).all())
+        is_finite = bool(torch.isfinite(weight + self.get_delta_weight(adapter_name)).all())
+        return is_finite and merged_bias_is_finite(self, adapter_name)
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str], keep_record: bool = True) -> None:
@@ -327,6 +352,7 @@ class LoraLayer(nn.Module):
         `keep_record` is False because the merge will never be undone.
         """
         weight = self.base_weight()
+        check_bias_merge(self, adapter_names)
         # DoRA's norms against the weight before this call merges anything (as peft does)
         norms = {
             name: dora.weight_norm_of(self, name)
@@ -340,6 +366,7 @@ class LoraLayer(nn.Module):
                 record = dora.merge(self, adapter_name, norms[adapter_name], keep_record)
             else:
                 record = merge_delta(weight, self.get_delta_weight(adapter_name), keep_record)
+                merge_bias(self, adapter_name, keep_record)
             if record is not None:
                 self.merge_records[adapter_name] = record
             self.merged_adapters.append(adapter_name)
@@ -381,5 +408,6 @@ class LoraLayer(nn.Module):
                 dora.unmerge(self, adapter_name, record)
             else:
                 unmerge_delta(weight, self.get_delta_weight(adapter_name), record)
+                unmerge_bias(self, adapter_name)
             self.merged_adapters.remove(adapter_name)
         self.refresh_slots()

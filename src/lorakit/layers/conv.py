@@ -18,6 +18,7 @@ class LoraConv(LoraLayer):
     """y = conv(x) + s · B(A(drop(x))), with A reusing the base's kernel, stride and padding."""
 
     init_table = LINEAR_INITS
+    supports_lora_bias = True  # B's bias, added by B itself and scaled with it
 
     def __init__(self, base_layer: nn.Module, routing: AdapterRouting) -> None:
         super().__init__(base_layer, routing)
@@ -46,7 +47,12 @@ class LoraConv(LoraLayer):
             device=device,
         )
         self.lora_B[adapter_name] = self.conv_class(
-            r, self.out_features, 1, bias=False, dtype=dtype, device=device
+            r,
+            self.out_features,
+            1,
+            bias=self.lora_bias.get(adapter_name, False),
+            dtype=dtype,
+            device=device,
         )
 
     def _adapter_pair(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,9 +47,11 @@ class AdapterLinear(nn.Linear):
 
 
 class LoraLinear(LoraLayer):
-    """y = base(x) + s · B(A(drop(x))); A and B are bias-free `nn.Linear`s in `lora_A`/`lora_B`."""
+    """y = base(x) + s · B(A(drop(x))) (+ s · b with `lora_bias`); A and B are `nn.Linear`s in
+    `lora_A`/`lora_B`, bias-free but for B's with `lora_bias`."""
 
     init_table = LINEAR_INITS
+    supports_lora_bias = True
 
     def __init__(
         self, base_layer: nn.Module, routing: AdapterRouting, fan_in_fan_out: bool = False
@@ -66,6 +68,7 @@ class LoraLinear(LoraLayer):
     ) -> None:
         options = {"bias": False, "dtype": dtype, "device": device}
         self.lora_A[adapter_name] = AdapterLinear(self.in_features, r, **options)  # type: ignore[arg-type]
+        options["bias"] = self.lora_bias.get(adapter_name, False)  # lora_bias (`layers.lora_bias`)
         self.lora_B[adapter_name] = AdapterLinear(r, self.out_features, **options)  # type: ignore[arg-type]
 
     def _adapter_pair(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,13 +128,16 @@ class LoraLinear(LoraLayer):
     def _slot_branch(
         self, slot: AdapterSlot, operands: NodeOperands | None = None
     ) -> tuple[LoraBranch | DoraBranch, tuple[torch.Tensor, ...]]:
-        """The slot's adapter as a branch (no dropout draw yet) and its tensors: (A, B)."""
+        """The slot's adapter as a branch (no dropout draw yet) and its tensors: (A, B), or
+        (A, B, b) when lora_B has a bias (`lora_bias`)."""
         if slot.adapter_name in self.lora_magnitude_vector:  # DoRA: (A, B, m), `layers.dora`
             return dora.linear_branch(self, slot, operands)  # operands: the node's, or None
         A, B = slot.pair()
         p = slot.dropout_p if self.training else 0.0
-        branch = LoraBranch(slot.forward_scale(), p, False, self.routing.shared_dropout)
-        return branch, (A, B)
+        B_bias = slot.holders[1]._parameters.get("bias")
+        has_bias = B_bias is not None
+        branch = LoraBranch(slot.forward_scale(), p, has_bias, self.routing.shared_dropout)
+        return branch, (A, B) if B_bias is None else (A, B, B_bias)
 
     def _add_slot_output(
         self, result: torch.Tensor, x: torch.Tensor, slot: AdapterSlot

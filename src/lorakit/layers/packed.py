@@ -29,6 +29,7 @@ from ..errors import MergeError
 from . import dora
 from .base import LoraLayer
 from .linear import LoraLinear, NodeOperands
+from .lora_bias import bias_delta
 from .routing import AdapterRouting
 
 
@@ -104,15 +105,18 @@ class LoraPackedLinear(LoraLinear):
         """A new layer holding dequant(Q) + Σ s·BA; the wrapper and its base are left as they are.
 
         Returns an `nn.Linear` in `dense_dtype()` sharing the base's bias parameter (a cast
-        copy if its dtype differs), or with `requantize` a packed layer built like the base.
+        copy if its dtype differs; a new one holding bias + Σ s·b with `lora_bias`), or with
+        `requantize` a packed layer built like the base.
         See the module docstring for the rounding of each.
         """
         weight = self.merged_dense_weight(adapter_names)
+        bias = self._merged_bias(adapter_names)
         if requantize:
-            return self.requantized_module(weight)
+            module = self.requantized_module(weight)
+            if bias is not getattr(self.base_layer, "bias", None):
+                module.register_parameter("bias", bias)  # bias + Σ s·b (lora_bias adapters)
+            return module
         dtype = self.dense_dtype()
-        bias = getattr(self.base_layer, "bias", None)
-        assert bias is None or isinstance(bias, nn.Parameter)
         # built on meta (no allocation, no random init), then given the merged weight
         linear = nn.Linear(self.in_features, self.out_features, False, "meta", dtype)
         linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)  # frozen, as before
@@ -120,3 +124,19 @@ class LoraPackedLinear(LoraLinear):
             bias = nn.Parameter(bias.detach().to(dtype), requires_grad=bias.requires_grad)
         linear.register_parameter("bias", bias)  # the base's own parameter when it fits
         return linear
+
+    @torch.no_grad()
+    def _merged_bias(self, adapter_names: list[str]) -> nn.Parameter | None:
+        """The base's bias parameter itself, or with `lora_bias` adapters among
+        `adapter_names` a new one holding bias + Σ s·b (summed in fp32, rounded once)."""
+        bias = getattr(self.base_layer, "bias", None)
+        assert bias is None or isinstance(bias, nn.Parameter)
+        merged = None
+        for name in adapter_names:
+            delta = bias_delta(self, name) if name in self.r else None
+            if delta is not None:
+                assert bias is not None, "PeftModel._checked_merge refuses a base without one"
+                merged = (bias.detach().float() if merged is None else merged) + delta
+        if merged is None or bias is None:
+            return bias
+        return nn.Parameter(merged.to(bias.dtype), requires_grad=bias.requires_grad)
