@@ -65,7 +65,9 @@ OTHER_LOAD_KEYWORDS: dict[str, str] = {
     ),
     "adapters": "X-LoRA is not implemented. Fix: use peft for X-LoRA models",
     "ephemeral_gpu_offload": (
-        "it only concerns DoRA, which lorakit does not implement. Fix: leave it False"
+        "lorakit does not implement ephemeral GPU offload (peft's way of computing DoRA's "
+        "initial magnitudes on a GPU for adapters kept on the CPU); lorakit computes them "
+        "where the layer is. Fix: leave it False"
     ),
 }
 # What each refused keyword may hold without being refused: its "unused" values.

@@ -200,7 +200,7 @@ def config_from_file(
     """The adapter's config as saved, in inference mode unless it is loaded for training.
 
     Raises:
-        ConfigError: The config sets a field lorakit does not implement (e.g. DoRA, aLoRA);
+        ConfigError: The config sets a field lorakit does not implement (e.g. aLoRA);
             the message names the field and `source`'s adapter_config.json.
     """
     try:
