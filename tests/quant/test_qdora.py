@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
+from bnb_support import import_bitsandbytes, load_bnb_llama
 from lorakit import LoraConfig, get_peft_model
 from lorakit.quant import LoraQuantLinear, QuantConfig, QuantLinear, quantize_model_linears
 from tiny_models import tiny_llama, token_batch
@@ -14,6 +18,9 @@ from tiny_models import tiny_llama, token_batch
 # fp32 on both sides; the 4-bit base runs its matmuls in pieces of rows, the dense one in one,
 # relative to the largest entry.
 RTOL = 1e-6
+# Gradients against peft: m's gradient sums products of either sign (see
+# tests/parity/test_parity_dora.py).
+GRAD_RTOL = 1e-5
 # merge_and_unload rounds g ⊙ (W + s·B A) once into fp32 weights, passed through 2 blocks.
 MERGE_RTOL = 1e-5
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -91,3 +98,35 @@ def test_qdora_merge_and_unload_computes_the_unmerged_outputs() -> None:
     merged_layer = merged_model.model.layers[0].self_attn.q_proj
     assert type(merged_layer) is nn.Linear  # dequantized, with g ⊙ (W + s·B A) in it
     assert _close(merged, unmerged, MERGE_RTOL)
+
+
+bnb, BNB_MISSING = import_bitsandbytes("bitsandbytes")
+
+
+@pytest.mark.skipif(bnb is None, reason=BNB_MISSING)
+def test_qdora_on_bitsandbytes_linear4bit_equals_peft(tmp_path: Path) -> None:
+    import peft
+
+    folder = tmp_path / "llama"
+    tiny_llama().save_pretrained(folder)
+    options: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS}
+    options.update(use_dora=True, init_lora_weights=False)
+    torch.manual_seed(0)
+    ours = get_peft_model(load_bnb_llama(folder), LoraConfig(**options))
+    theirs = peft.get_peft_model(load_bnb_llama(folder), peft.LoraConfig(**options))
+    adapters = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    result = theirs.load_state_dict(adapters, strict=False)
+    assert not result.unexpected_keys and len(adapters) == 3 * 6  # A, B, m per layer
+    ids = token_batch()
+    results = []
+    for model in (ours, theirs):
+        model.train()
+        logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+        results.append((logits.detach(), grads))
+    (out, grads), (expected, expected_grads) = results
+    assert _close(out, expected, RTOL)
+    assert sorted(grads) == sorted(expected_grads)
+    for key, grad in expected_grads.items():
+        assert _close(grads[key], grad, GRAD_RTOL), key
