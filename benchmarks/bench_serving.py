@@ -84,22 +84,22 @@ class EngineCases:
         import transformers
 
         self.cache = transformers.DynamicCache()
-        self.set_rows(None)
+        self.set_rows(None, CONTEXT)
         with torch.no_grad():
             self.model(input_ids=self.context, cache=self.cache, use_cache=True)
 
-    def set_rows(self, names: list[str] | None) -> None:
+    def set_rows(self, names: list[str] | None, tokens_per_row: int) -> None:
         choices = [() if name is None else ((name, 1.0),) for name in names or [None] * ROWS]
-        self.routing.set_rows(choices)
+        self.routing.set_rows(choices, tokens_per_row)
 
     def decode_step(self, names: list[str] | None) -> None:
-        self.set_rows(names)
+        self.set_rows(names, 1)
         with torch.no_grad():
             self.model(input_ids=self.step_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
         self.cache.crop(-1)  # drop the token the step appended
 
     def forward(self, ids: torch.Tensor, names: list[str] | None) -> None:
-        self.set_rows(names)
+        self.set_rows(names, ids.shape[1])
         with torch.no_grad():
             self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
 

@@ -60,14 +60,36 @@ def tiny_mistral() -> torch.nn.Module:
     return transformers.MistralForCausalLM(config).eval()
 
 
+def tiny_qwen2_moe() -> torch.nn.Module:
+    """Qwen2-MoE: its shared expert's Linear layers see the tokens flattened (rows * seq, in)."""
+    import transformers
+
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.Qwen2MoeForCausalLM(config).eval()
+
+
 @pytest.mark.parametrize(
     ("factory", "targets", "transpose"),
     [
         (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], True),
         (tiny_qwen2, "all-linear", False),
         (tiny_mistral, ["q_proj", "v_proj", "down_proj"], False),
+        (tiny_qwen2_moe, ["q_proj", "gate_proj", "down_proj", "shared_expert_gate"], False),
     ],
-    ids=["gpt2", "qwen2", "mistral"],
+    ids=["gpt2", "qwen2", "mistral", "qwen2_moe"],
 )
 def test_families_mixed_batch_greedy_tokens_equal_merged_models(
     tmp_path: Path, factory: object, targets: object, transpose: bool

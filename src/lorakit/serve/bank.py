@@ -14,6 +14,7 @@ import copy
 import torch
 from torch import nn
 
+from lorakit.errors import ServeError
 from lorakit.serve.adapters import AdapterWeights, module_features
 from lorakit.serve.routing import BatchRouting, Layout
 
@@ -67,8 +68,17 @@ class AdapterBank(nn.Module):
         plan = self.routing.plan(self.layout, self.A.dtype, self.A.device)
         if plan is None:
             return result
-        rows = x.shape[0]
-        x3 = x.reshape(rows, -1, self.in_features).to(self.A.dtype)  # (rows, seq, in)
+        rows = len(self.routing.choices)
+        tokens = x.numel() // self.in_features
+        if tokens not in (rows, rows * self.routing.tokens_per_row):
+            raise ServeError(
+                f"An adapted {type(self.base_layer).__name__} got {tokens} inputs for a batch "
+                f"of {rows} rows of {self.routing.tokens_per_row} tokens: it sees only some of "
+                "the tokens (as MoE experts do), so rows cannot be told apart. Fix: serve an "
+                "adapter that does not target this module, or merge it with `lorakit merge`."
+            )
+        # (rows, seq, in), also from inputs flattened to (rows * seq, in), rows outermost.
+        x3 = x.reshape(rows, -1, self.in_features).to(self.A.dtype)
         delta = plan.delta(x3, self.A, self.B_t.t())
         return result + delta.view(result.shape).to(result.dtype)
 

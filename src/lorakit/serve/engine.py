@@ -479,7 +479,7 @@ class Engine:
             self._requests_total += len(texts)
             self._per_adapter_requests[adapter or BASE_ADAPTER] += len(texts)
         with self._model_lock:
-            self._routing.set_rows([choice] * len(texts))
+            self._routing.set_rows([choice] * len(texts), length)
             logits = self._model(**inputs).logits
         return classifications(logits, text_config(self._model).id2label)
 

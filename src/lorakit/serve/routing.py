@@ -109,10 +109,15 @@ class BatchRouting:
 
     def __init__(self) -> None:
         self.choices: tuple[RowChoice, ...] = ()
+        self.tokens_per_row = 1
         self._plans: dict[Layout, RowPlan | None] = {}
 
-    def set_rows(self, choices: Sequence[RowChoice]) -> None:
-        """Route the next forwards' rows (in batch order); keeps the plans if unchanged."""
+    def set_rows(self, choices: Sequence[RowChoice], tokens_per_row: int) -> None:
+        """Route the next forwards' rows (in batch order), each `tokens_per_row` tokens long.
+
+        Plans are kept when the rows are unchanged.
+        """
+        self.tokens_per_row = tokens_per_row
         choices = tuple(choices)
         if choices != self.choices:
             self.choices = choices

@@ -150,7 +150,7 @@ class Scheduler:
     ) -> list[torch.Tensor]:
         """Every position's logits (len, vocab) of each prompt, all in one mixed forward."""
         ids, mask, positions = self._left_padded(prompts)
-        self.routing.set_rows(choices)
+        self.routing.set_rows(choices, ids.shape[1])
         output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions)
         length = ids.shape[1]
         return [output.logits[row, length - len(p) :] for row, p in enumerate(prompts)]
@@ -158,7 +158,7 @@ class Scheduler:
     @torch.no_grad()
     def _prefill(self, joined: list[Sequence_]) -> None:
         ids, mask, positions = self._left_padded([s.prompt for s in joined])
-        self.routing.set_rows([s.choice for s in joined])
+        self.routing.set_rows([s.choice for s in joined], ids.shape[1])
         output = self._forward(ids, mask, positions, self._cache_class())
         self.batch.add_rows(self._output_cache(output), mask)
         self.running += joined
@@ -167,7 +167,7 @@ class Scheduler:
     @torch.no_grad()
     def _decode(self) -> None:
         last = torch.tensor([[s.generated[-1]] for s in self.running], device=self.device)
-        self.routing.set_rows([s.choice for s in self.running])
+        self.routing.set_rows([s.choice for s in self.running], 1)
         self.batch_size_last = len(self.running)
         output = self._forward(
             last, self.batch.step_mask(), self.batch.positions(), self.batch.cache
