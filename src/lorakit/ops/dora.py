@@ -216,7 +216,8 @@ class DoraBranch(NamedTuple):
         u, t, saved_mask = saved
         need_x, need_A, need_B, need_m = needs[:4]
         G = g.to(A.dtype)  # the same tensor unless the base runs in another dtype
-        Gg = G * (m.reshape(-1) / self.n)  # (N, out)
+        factor = m.reshape(-1) / self.n  # g = m / n, (out,)
+        Gg = G * factor  # (N, out)
         keep = 1.0 / (1.0 - self.p)
         c = self.scale * keep
         dropped = kept = None
@@ -237,7 +238,7 @@ class DoraBranch(NamedTuple):
         if dropped is None:
             return Gg.to(g.dtype), grad_x, (grad_A, grad_B, grad_m)
         if grad_x is not None:  # + (g - 1) ⊙ grad through W on the dropped input
-            on_dropped = ((Gg - G) * keep).to(g.dtype)
+            on_dropped = (G * ((factor - 1) * keep)).to(g.dtype)  # one pass over (N, out)
             grad_x = self.base.input_grad(on_dropped, self.weight, grad_x)
             grad_x.masked_fill_(dropped, 0)
         return g, grad_x, (grad_A, grad_B, grad_m)
