@@ -7,7 +7,8 @@ Model: the "small" Llama-style base (hidden 512, 8 layers) with 8 all-linear r=1
              (2 rows each); and the forward of 16 single tokens without a cache (the way the
              issue measured peft's `adapter_names`) for the engine and for peft.
   prefill    a 16 x 64 forward: one adapter vs spread over 8 (engine and peft).
-  memory     bytes the engine holds per loaded adapter vs the adapter's tensor bytes.
+  memory     bytes the engine's banks hold per loaded adapter vs the adapter's tensor bytes,
+             and the bytes of all tensor storages the 8 loads left alive (found by gc).
   hot load   Engine.load_adapter of the 8th adapter vs reading its safetensors file.
 Targets (issue 13): mixed decode <= 1.3x single-adapter decode and >= 2.5x peft's mixed
 throughput; mixed prefill throughput >= 0.95x single; memory <= 1.1x tensor bytes; hot load
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +76,14 @@ class EngineCases:
 
         self.engine = Engine.from_pretrained(template)
         self.names = [f"adapter{i}" for i in range(ADAPTERS)]
+        gc.collect()
+        before = live_storages()
         for name, folder in zip(self.names, folders, strict=True):
             self.engine.load_adapter(name, folder)
+        gc.collect()
+        # Every tensor storage the loads left alive, wherever referenced (banks or elsewhere).
+        after = live_storages()
+        self.live_bytes_added = sum(n for ptr, n in after.items() if ptr not in before)
         self.routing: BatchRouting = self.engine._routing
         self.model = self.engine.model
         vocab_size = harness.MODEL_SIZES["small"]["vocab_size"]
@@ -197,6 +206,19 @@ def held_bytes(engine: Any) -> int:
     return total
 
 
+def live_storages() -> dict[int, int]:
+    """Data pointer -> bytes of every tensor storage alive in this process."""
+    storages = {}
+    with warnings.catch_warnings():  # isinstance on deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for tensor in tensors:
+        if tensor.device.type == "cpu":
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return storages
+
+
 def memory_and_load(engine: EngineCases, folders: list[Path], reps: int) -> dict[str, float]:
     """Held bytes per adapter vs tensor bytes, and hot load vs file read (median seconds)."""
     files = [load_file(folder / "adapter_model.safetensors") for folder in folders]
@@ -217,6 +239,7 @@ def memory_and_load(engine: EngineCases, folders: list[Path], reps: int) -> dict
         "held MiB per adapter": held / ADAPTERS / 2**20,
         "tensor MiB per adapter": tensor_bytes / ADAPTERS / 2**20,
         "memory held / tensor bytes": held / tensor_bytes,
+        "live tensor bytes the loads added / tensor bytes": engine.live_bytes_added / tensor_bytes,
         "hot load / file read": timings.paired_ratio("hot load (7 loaded)", "read file"),
     }
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from engine_support import (
     byte_llama,
@@ -185,6 +188,29 @@ def test_adapters_the_engine_cannot_serve_are_refused_before_any_change(
     assert sorted(engine.adapters()) == ["a", "b"]
     bank = engine.model.model.layers[0].self_attn.q_proj
     assert [name for name, _ in bank.layout] == ["a", "b"]
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def test_a_loaded_adapter_costs_exactly_its_tensors_and_unloading_frees_them(
+    folders: dict[str, Path],
+) -> None:
+    engine = _engine({"a": folders["a"]})
+    tensors = load_file(folders["b"] / "adapter_model.safetensors")
+    file_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    del tensors
+    before = _live_tensor_bytes()
+    engine.load_adapter("b", folders["b"])
+    assert _live_tensor_bytes() - before == file_bytes == engine.adapter_bytes("b")
+    engine.unload_adapter("b")
+    assert _live_tensor_bytes() == before
 
 
 def test_cancel_frees_the_row_at_the_next_step_and_ends_the_stream(

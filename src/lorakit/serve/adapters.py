@@ -44,6 +44,14 @@ UNSERVED_OPTIONS: dict[str, tuple[object, ...]] = {
 }
 
 
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """What the engine keeps about a loaded adapter besides its tensors in the banks."""
+
+    info: AdapterInfo
+    tensor_bytes: int
+
+
 @dataclass
 class AdapterWeights:
     """One adapter ready for the banks.
@@ -58,9 +66,8 @@ class AdapterWeights:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     heads: dict[str, dict[str, torch.Tensor]]
 
-    @property
     def tensor_bytes(self) -> int:
-        """Bytes of the tensors the engine holds for this adapter."""
+        """Bytes of the adapter's tensors (as the banks will hold them)."""
         tensors = [t for pair in self.factors.values() for t in pair]
         tensors += [t for state in self.heads.values() for t in state.values()]
         return sum(t.numel() * t.element_size() for t in tensors)

@@ -25,7 +25,7 @@ import torch
 
 from lorakit.errors import AdapterInUseError, QueueFullError, ServeError
 from lorakit.extras import import_optional
-from lorakit.serve.adapters import TASK_CAUSAL_LM, TASK_SEQ_CLS, AdapterWeights, read_adapter
+from lorakit.serve.adapters import TASK_CAUSAL_LM, TASK_SEQ_CLS, LoadedAdapter, read_adapter
 from lorakit.serve.bank import ModelBanks
 from lorakit.serve.detokenize import TextStream
 from lorakit.serve.handle import RequestHandle
@@ -96,7 +96,7 @@ class Engine:
         self._modules = dict(model.named_modules())
         self._routing = BatchRouting()
         self._banks = ModelBanks(self._modules, self._routing)
-        self._adapters: dict[str, AdapterWeights] = {}
+        self._adapters: dict[str, LoadedAdapter] = {}
         self._unloading: set[str] = set()
         self._users: Counter[str] = Counter()
         self._per_adapter_requests: Counter[str] = Counter()
@@ -210,7 +210,8 @@ class Engine:
             if name in self._adapters:
                 raise ServeError(f"An adapter named {name!r} was loaded meanwhile.")
             self._banks.add(weights)
-            self._adapters[name] = weights
+            # The banks hold copies of the tensors: the registry keeps facts only.
+            self._adapters[name] = LoadedAdapter(weights.info, weights.tensor_bytes())
         return weights.info
 
     def unload_adapter(self, name: str, wait: bool = True, timeout: float | None = None) -> None:
