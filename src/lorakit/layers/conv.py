@@ -70,7 +70,7 @@ class LoraConv(LoraLayer):
     def _add_slot_output(
         self, result: torch.Tensor, x: torch.Tensor, slot: AdapterSlot
     ) -> torch.Tensor:
-        if slot.adapter_name in self.lora_magnitude_vector:
+        if self.lora_magnitude_vector and slot.adapter_name in self.lora_magnitude_vector:
             return dora.conv_output(self, result, x, slot)
         p = slot.dropout_p if self.training else 0.0
         A_conv, B_conv = slot.holders

@@ -130,7 +130,7 @@ class LoraLinear(LoraLayer):
     ) -> tuple[LoraBranch | DoraBranch, tuple[torch.Tensor, ...]]:
         """The slot's adapter as a branch (no dropout draw yet) and its tensors: (A, B), or
         (A, B, b) when lora_B has a bias (`lora_bias`)."""
-        if slot.adapter_name in self.lora_magnitude_vector:  # DoRA: (A, B, m), `layers.dora`
+        if self.lora_magnitude_vector and slot.adapter_name in self.lora_magnitude_vector:  # DoRA
             return dora.linear_branch(self, slot, operands)  # operands: the node's, or None
         A, B = slot.pair()
         p = slot.dropout_p if self.training else 0.0
