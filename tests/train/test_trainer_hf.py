@@ -1,4 +1,5 @@
-"""A lorakit PeftModel trains under `transformers.Trainer`, and its saved adapter loads."""
+"""A lorakit PeftModel trains under transformers' Trainer (through `LorakitTrainer`, the
+subclass lorakit models need), and its saved adapter loads."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, PeftModel, get_peft_model
+from lorakit.integrations.transformers import LorakitTrainer
 from lorakit.train.collate import DataCollator
 from lorakit.train.data import prepare_datasets
 from tiny_models import tiny_llama
@@ -46,7 +48,7 @@ def test_peft_model_trains_under_transformers_trainer(
         seed=0,
         # PeftModel.forward takes **kwargs, so transformers cannot tell which columns it reads.
     )
-    trainer = transformers.Trainer(
+    trainer = LorakitTrainer(
         model=model, args=arguments, train_dataset=train.features, data_collator=collator
     )
     trainer.train()
