@@ -187,7 +187,7 @@ def test_adapters_the_engine_cannot_serve_are_refused_before_any_change(
             engine.load_adapter(f"edited{index}", edited)
     assert sorted(engine.adapters()) == ["a", "b"]
     bank = engine.model.model.layers[0].self_attn.q_proj
-    assert [name for name, _ in bank.layout] == ["a", "b"]
+    assert [name for name, _, _ in bank.layout] == ["a", "b"]
 
 
 def _live_tensor_bytes() -> int:
@@ -296,7 +296,7 @@ def test_hot_load_and_unload_while_requests_run(folders: dict[str, Path]) -> Non
         reference_b = merged_by_hand(byte_llama(), {folders["b"]: 1.0})
         assert [e.token_id for e in on_b] == greedy_reference(reference_b, PROMPT, 20)
         bank = engine.model.model.layers[0].self_attn.q_proj
-        assert [name for name, _ in bank.layout] == ["b"] and bank.A.shape[0] == 8
+        assert [name for name, _, _ in bank.layout] == ["b"] and bank.used_rank == 8
         assert engine.stats()["per_adapter_requests"] == {"a": 3, "b": 1}
     finally:
         engine.shutdown()

@@ -18,52 +18,122 @@ from lorakit.errors import ServeError
 from lorakit.serve.adapters import AdapterWeights, module_features
 from lorakit.serve.routing import BatchRouting, Layout
 
+# Capacity of a full bank's stacks is multiplied by this when an adapter does not fit, so a
+# load copies the other adapters' factors only when the stacks grow (amortised O(1) per load).
+GROWTH_FACTOR = 2
+
 
 class AdapterBank(nn.Module):
     """A base layer plus the stacked factors of every adapter that adapts it.
 
-    A (R, in) holds the adapters' A matrices one under the other, B_t (R, out) their (s·B)^T
-    likewise, in `layout` order; R is the sum of their ranks (no padding, so a loaded adapter
-    costs exactly its tensors). B is kept transposed so that both routes read rows of it.
+    A (capacity, in) holds the adapters' A matrices as row segments, B_t (capacity, out) their
+    (s·B)^T on the same rows; `layout` says which adapter owns which segment (name, first row,
+    rank), in row order. Rows no adapter owns are zero, so their zero coefficients add exact
+    zeros. A load writes only its own segment: the first free run of rows long enough (rows
+    an unload freed, or the reserve), or, when none is, stacks grown to
+    max(needed, GROWTH_FACTOR × capacity) rows (the others' rows copied once). B is kept
+    transposed so that both routes read rows of it.
+
+    Args:
+        base_layer: The Linear, Conv1D or QuantLinear the bank wraps.
+        routing: The routing every bank of the engine reads.
+        reserve_rank: Rows the stacks get at the first load (at least that adapter's rank).
     """
 
-    def __init__(self, base_layer: nn.Module, routing: BatchRouting) -> None:
+    def __init__(self, base_layer: nn.Module, routing: BatchRouting, reserve_rank: int = 0) -> None:
         super().__init__()
         features = module_features(base_layer)
         assert features is not None, type(base_layer)
         self.base_layer = base_layer
         self.in_features, self.out_features = features
         self.routing = routing
+        self.reserve_rank = reserve_rank
         self.layout: Layout = ()
         self.A: torch.Tensor | None = None
         self.B_t: torch.Tensor | None = None
 
+    @property
+    def capacity(self) -> int:
+        """Rows the stacks hold, owned or free."""
+        return 0 if self.A is None else self.A.shape[0]
+
+    @property
+    def used_rank(self) -> int:
+        """Rows the loaded adapters own."""
+        return sum(r for _, _, r in self.layout)
+
+    def _free_start(self, r: int) -> int | None:
+        """The first row of the first free run of `r` rows, or None."""
+        start = 0
+        for _, first, rank in self.layout:
+            if first - start >= r:
+                return start
+            start = first + rank
+        return start if self.capacity - start >= r else None
+
+    def _grow(self, needed: int, like: torch.Tensor) -> None:
+        """Stacks of max(needed, reserve, GROWTH_FACTOR × capacity) rows, owned rows kept."""
+        capacity = max(needed, self.reserve_rank, GROWTH_FACTOR * self.capacity)
+        A = like.new_zeros(capacity, self.in_features)
+        B_t = like.new_zeros(capacity, self.out_features)
+        if self.A is not None and self.B_t is not None:
+            A[: self.capacity] = self.A
+            B_t[: self.capacity] = self.B_t
+        self.A, self.B_t = A, B_t
+
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Stack adapter `name`'s A (r, in) and s·B (out, r) after the others."""
+        """Write adapter `name`'s A (r, in) and s·B (out, r) into free rows of the stacks."""
         assert A.shape[1] == self.in_features and B.shape[0] == self.out_features
-        self.A = A if self.A is None else torch.cat([self.A, A], dim=0)
-        self.B_t = B.t().contiguous() if self.B_t is None else torch.cat([self.B_t, B.t()], dim=0)
-        self.layout = (*self.layout, (name, A.shape[0]))
+        r = A.shape[0]
+        start = self._free_start(r)
+        if start is None:
+            self._grow(self.used_rank + r, A)
+            start = self._free_start(r)
+        assert start is not None and self.A is not None and self.B_t is not None
+        self.A[start : start + r] = A
+        self.B_t[start : start + r] = B.t()
+        self.layout = tuple(sorted((*self.layout, (name, start, r)), key=lambda s: s[1]))
 
     def remove(self, name: str) -> None:
-        """Drop adapter `name`'s rows (a no-op when it does not adapt this layer)."""
-        names = [n for n, _ in self.layout]
-        if name not in names:
+        """Free adapter `name`'s rows for later loads (a no-op if it has none).
+
+        The rows are zeroed in place. When the free rows then outnumber both the owned rows
+        and the reserve, the stacks shrink to max(owned, reserve) rows (the owned segments
+        packed in order; none left and no reserve: no stacks), so free rows never hold more
+        than the loaded adapters do beyond the reserve.
+        """
+        segment = next((s for s in self.layout if s[0] == name), None)
+        if segment is None:
             return
         assert self.A is not None and self.B_t is not None
-        index = names.index(name)
-        first = sum(r for _, r in self.layout[:index])
-        last = first + self.layout[index][1]
-        self.layout = self.layout[:index] + self.layout[index + 1 :]
-        if not self.layout:
+        _, start, r = segment
+        self.layout = tuple(s for s in self.layout if s[0] != name)
+        if self.capacity - self.used_rank <= max(self.used_rank, self.reserve_rank):
+            self.A[start : start + r] = 0
+            self.B_t[start : start + r] = 0
+            return
+        self._compact()
+
+    def _compact(self) -> None:
+        """Stacks of max(owned, reserve) rows holding the owned segments packed in order."""
+        assert self.A is not None and self.B_t is not None
+        capacity = max(self.used_rank, self.reserve_rank)
+        if capacity == 0:
             self.A = self.B_t = None
             return
-        self.A = torch.cat([self.A[:first], self.A[last:]], dim=0)
-        self.B_t = torch.cat([self.B_t[:first], self.B_t[last:]], dim=0)
+        A = self.A.new_zeros(capacity, self.in_features)
+        B_t = self.B_t.new_zeros(capacity, self.out_features)
+        layout, row = [], 0
+        for name, start, r in self.layout:
+            A[row : row + r] = self.A[start : start + r]
+            B_t[row : row + r] = self.B_t[start : start + r]
+            layout.append((name, row, r))
+            row += r
+        self.A, self.B_t, self.layout = A, B_t, tuple(layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.A is None or self.B_t is None:
+        if self.A is None or self.B_t is None or not self.layout:
             return result
         plan = self.routing.plan(self.layout, self.A.dtype, self.A.device)
         if plan is None:
@@ -115,11 +185,15 @@ class ModelBanks:
     Args:
         modules: The model's modules by path, as before any bank was installed.
         routing: The routing every bank reads.
+        reserve_rank: Rows each layer bank's stacks get at its first load (see `AdapterBank`).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], routing: BatchRouting) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], routing: BatchRouting, reserve_rank: int = 0
+    ) -> None:
         self._modules = modules
         self._routing = routing
+        self._reserve_rank = reserve_rank
         self.layers: dict[str, AdapterBank] = {}
         self.heads: dict[str, HeadBank] = {}
 
@@ -128,7 +202,9 @@ class ModelBanks:
         name = weights.info.name
         for path, (A, B) in weights.factors.items():
             if path not in self.layers:
-                self.layers[path] = AdapterBank(self._modules[path], self._routing)
+                self.layers[path] = AdapterBank(
+                    self._modules[path], self._routing, self._reserve_rank
+                )
                 self._install(path, self.layers[path])
             self.layers[path].add(name, A, B)
         for path, state in weights.heads.items():
@@ -137,6 +213,17 @@ class ModelBanks:
                 self._install(path, self.heads[path])
             self.heads[path].add(name, state)
         self._routing.invalidate()
+
+    def factor_bytes(self) -> tuple[int, int]:
+        """Bytes of the layer banks' stacks: (rows adapters own, rows free or reserved)."""
+        owned = free = 0
+        for bank in self.layers.values():
+            if bank.A is None or bank.B_t is None:
+                continue
+            row_bytes = (bank.in_features + bank.out_features) * bank.A.element_size()
+            owned += bank.used_rank * row_bytes
+            free += (bank.capacity - bank.used_rank) * row_bytes
+        return owned, free
 
     def remove(self, name: str) -> None:
         """Take adapter `name` out of every bank."""

@@ -70,7 +70,13 @@ class Engine:
         max_queue: int,
         max_prompt_tokens: int,
         max_new_tokens: int,
+        reserve_rank: int = 0,
     ) -> None:
+        if not isinstance(reserve_rank, int) or reserve_rank < 0:
+            raise ServeError(
+                f"reserve_rank={reserve_rank!r} is not allowed: it must be an int >= 0 (rows "
+                "each adapted layer reserves for adapters, e.g. 8 adapters of r=16: 128)."
+            )
         for name, value in (
             ("max_batch_size", max_batch_size),
             ("max_queue", max_queue),
@@ -95,7 +101,7 @@ class Engine:
         )
         self._modules = dict(model.named_modules())
         self._routing = BatchRouting()
-        self._banks = ModelBanks(self._modules, self._routing)
+        self._banks = ModelBanks(self._modules, self._routing, reserve_rank)
         self._adapters: dict[str, LoadedAdapter] = {}
         self._unloading: set[str] = set()
         self._users: Counter[str] = Counter()
@@ -130,6 +136,7 @@ class Engine:
         max_prompt_tokens: int = 2048,
         max_new_tokens: int = 1024,
         device: str | torch.device = "cpu",
+        reserve_rank: int = 0,
     ) -> Engine:
         """Load a base (folder or transformers model) and build an engine around a copy of it.
 
@@ -147,6 +154,10 @@ class Engine:
             max_prompt_tokens: Longest prompt accepted.
             max_new_tokens: Largest `max_tokens` accepted.
             device: Where the model runs.
+            reserve_rank: Rows every adapted layer reserves for adapters' factors at its first
+                load (the sum of the ranks you plan to load there, e.g. 8 adapters of r=16:
+                128): loads then write only their own rows until the reserve is full. With 0,
+                a layer's stacks start at the first adapter's rank and double when full.
 
         Raises:
             ServeError: The base is neither a causal LM nor a sequence classifier, or an
@@ -163,6 +174,7 @@ class Engine:
             max_queue=max_queue,
             max_prompt_tokens=max_prompt_tokens,
             max_new_tokens=max_new_tokens,
+            reserve_rank=reserve_rank,
         )
 
     @property

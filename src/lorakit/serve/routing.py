@@ -2,7 +2,7 @@
 
 A row's choice is a tuple of (adapter name, weight) pairs: () for the base, ((name, 1.0),) for
 one adapter, several pairs for a blend. Every `AdapterBank` with the same layout (the same
-adapters with the same ranks, in bank order) shares one `RowPlan`, built once per batch
+adapters on the same rows of its stacks) shares one `RowPlan`, built once per batch
 composition: the batch changes only when rows join or leave, so decoding steps reuse it.
 """
 
@@ -16,7 +16,8 @@ import torch
 from lorakit.ops.gathered_lora import gathered_lora_delta, stacked_lora_delta
 
 RowChoice = tuple[tuple[str, float], ...]
-Layout = tuple[tuple[str, int], ...]
+# (adapter name, first row in the stacks, rank) per loaded adapter, in row order.
+Layout = tuple[tuple[str, int, int], ...]
 # Cost of gathering one element of A or B for a row (index_select, then batched matmuls over
 # small matrices), in multiply-adds of one large product; measured on the benchmark model
 # (issue 13): decoding 16 rows over 8 adapters runs faster on the stacked route.
@@ -62,12 +63,9 @@ def build_plan(
     choices: Sequence[RowChoice], layout: Layout, dtype: torch.dtype, device: torch.device
 ) -> RowPlan | None:
     """Coefficients of `choices` for `layout`; None when no row uses an adapter of it."""
-    offsets: dict[str, tuple[int, int]] = {}
-    start = 0
-    for name, r in layout:
-        offsets[name] = (start, r)
-        start += r
-    coefficients = torch.zeros(len(choices), start, dtype=torch.float32)
+    offsets = {name: (first, r) for name, first, r in layout}
+    end = max((first + r for _, first, r in layout), default=0)
+    coefficients = torch.zeros(len(choices), end, dtype=torch.float32)
     row_columns: list[list[int]] = []
     row_weights: list[list[float]] = []
     for row, choice in enumerate(choices):

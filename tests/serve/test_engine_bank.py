@@ -1,0 +1,137 @@
+"""The banks' stacks: a load writes only its own rows, unloads free rows for reuse, exactness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_support import byte_llama, byte_tokenizer, merged_by_hand, save_adapter
+from lorakit.errors import ServeError
+from lorakit.serve import Engine
+from lorakit.serve.bank import AdapterBank
+
+FP32_LOGITS_ATOL = 1e-4
+QV = ["q_proj", "v_proj"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Four adapters on q_proj and v_proj: ranks 4, 8, 4, 6."""
+    root = tmp_path_factory.mktemp("bank_adapters")
+    ranks = {"a": 4, "b": 8, "c": 4, "d": 6}
+    return {
+        name: save_adapter(byte_llama, root / name, seed, r=r, lora_alpha=8, target_modules=QV)
+        for seed, (name, r) in enumerate(ranks.items())
+    }
+
+
+def _engine(reserve_rank: int = 0) -> Engine:
+    return Engine.from_pretrained(byte_llama(), byte_tokenizer(), reserve_rank=reserve_rank)
+
+
+def _q_proj(engine: Engine) -> AdapterBank:
+    bank = engine.model.model.layers[0].self_attn.q_proj
+    assert isinstance(bank, AdapterBank)
+    return bank
+
+
+def _rows(bank: AdapterBank, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    assert bank.A is not None and bank.B_t is not None
+    _, start, r = next(s for s in bank.layout if s[0] == name)
+    return bank.A[start : start + r].clone(), bank.B_t[start : start + r].clone()
+
+
+def test_with_a_reserve_a_load_writes_only_its_rows_into_the_same_storage(
+    folders: dict[str, Path],
+) -> None:
+    engine = _engine(reserve_rank=16)
+    engine.load_adapter("a", folders["a"])
+    bank = _q_proj(engine)
+    assert bank.A is not None and bank.B_t is not None
+    storage = (bank.A.data_ptr(), bank.B_t.data_ptr())
+    assert bank.capacity == 16 and bank.layout == (("a", 0, 4),)
+    rows_a = _rows(bank, "a")
+    engine.load_adapter("b", folders["b"])
+    assert (bank.A.data_ptr(), bank.B_t.data_ptr()) == storage  # nothing reallocated or copied
+    assert bank.layout == (("a", 0, 4), ("b", 4, 8)) and bank.capacity == 16
+    assert all(torch.equal(x, y) for x, y in zip(_rows(bank, "a"), rows_a, strict=True))
+    assert torch.count_nonzero(bank.A[12:]) == 0 and torch.count_nonzero(bank.B_t[12:]) == 0
+    owned, free = engine._banks.factor_bytes()
+    # A row of every bank: q_proj (in 32, out 32) and v_proj (32, 16), fp32, in 2 layers.
+    row_bytes = ((32 + 32) + (32 + 16)) * 4 * 2
+    assert (owned, free) == (12 * row_bytes, 4 * row_bytes)
+    # Past the reserve the stacks double: the others' rows are copied once, unchanged.
+    engine.load_adapter("d", folders["d"])
+    assert bank.capacity == 32 and bank.A.data_ptr() != storage[0]
+    assert all(torch.equal(x, y) for x, y in zip(_rows(bank, "a"), rows_a, strict=True))
+
+
+def test_without_a_reserve_stacks_double_when_full_and_loads_that_fit_copy_nothing(
+    folders: dict[str, Path],
+) -> None:
+    engine = _engine()
+    engine.load_adapter("a", folders["a"])  # 4 rows
+    bank = _q_proj(engine)
+    assert bank.capacity == 4
+    engine.load_adapter("c", folders["c"])  # 8 needed: 2 x 4
+    assert bank.capacity == 8
+    engine.load_adapter("b", folders["b"])  # 16 needed: 2 x 8
+    assert bank.capacity == 16 and bank.used_rank == 16
+    engine.unload_adapter("c")  # 4 of 16 free: kept
+    assert bank.capacity == 16 and bank.layout == (("a", 0, 4), ("b", 8, 8))
+    assert bank.A is not None
+    pointer = bank.A.data_ptr()
+    engine.load_adapter("c", folders["c"])  # back into its freed rows
+    assert bank.A.data_ptr() == pointer and bank.layout[1] == ("c", 4, 4)
+
+
+def test_unload_zeroes_freed_rows_a_load_reuses_them_and_outputs_stay_exact(
+    folders: dict[str, Path],
+) -> None:
+    engine = _engine(reserve_rank=24)
+    for name in ("a", "b", "c"):
+        engine.load_adapter(name, folders[name])
+    bank = _q_proj(engine)
+    assert bank.A is not None and bank.B_t is not None
+    pointer = bank.A.data_ptr()
+    engine.unload_adapter("b")
+    assert torch.count_nonzero(bank.A[4:12]) == 0 and torch.count_nonzero(bank.B_t[4:12]) == 0
+    engine.load_adapter("d", folders["d"])  # rank 6 fits the 8 rows b freed
+    assert bank.layout == (("a", 0, 4), ("d", 4, 6), ("c", 12, 4))
+    assert bank.A.data_ptr() == pointer and bank.capacity == 24
+    specs = [None, "a", "d", "c", {"a": 0.5, "d": -0.7}]
+    prompts = [[104, 101, 108, 108, 111][: 2 + i] for i in range(len(specs))]
+    logits = engine.prompt_logits(prompts, specs)
+    for spec, prompt, got in zip(specs, prompts, logits, strict=True):
+        blend = {} if spec is None else {spec: 1.0} if isinstance(spec, str) else spec
+        reference = merged_by_hand(byte_llama(), {folders[n]: w for n, w in blend.items()})
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt])).logits[0]
+        assert (got - expected).abs().max() < FP32_LOGITS_ATOL, spec
+
+
+def test_unloads_shrink_stacks_whose_free_rows_outnumber_the_loaded_ones(
+    folders: dict[str, Path],
+) -> None:
+    engine = _engine()
+    engine.load_adapter("b", folders["b"])
+    engine.load_adapter("a", folders["a"])  # 12 needed, 2 x 8 = 16
+    bank = _q_proj(engine)
+    rows_a = _rows(bank, "a")
+    assert bank.capacity == 16
+    engine.unload_adapter("b")  # 12 free > 4 owned: packed into 4 rows
+    assert bank.capacity == 4 and bank.layout == (("a", 0, 4),)
+    assert all(torch.equal(x, y) for x, y in zip(_rows(bank, "a"), rows_a, strict=True))
+    engine.unload_adapter("a")
+    assert bank.A is None and bank.B_t is None and engine._banks.factor_bytes() == (0, 0)
+    reserved = _engine(reserve_rank=16)
+    reserved.load_adapter("a", folders["a"])
+    reserved.unload_adapter("a")  # the reserve stays
+    assert _q_proj(reserved).capacity == 16
+
+
+def test_a_negative_reserve_is_refused_with_the_fix() -> None:
+    with pytest.raises(ServeError, match=r"reserve_rank=-1 is not allowed: it must be an int >= 0"):
+        _engine(reserve_rank=-1)
