@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.ops.gathered_lora import gathered_lora_delta, stacked_lora_delta
+from lorakit.ops.gathered_lora import (
+    gathered_lora_delta,
+    grouped_lora_delta,
+    stacked_lora_delta,
+)
 
 EXACT_ATOL = 1e-10  # float64, sums of a few dozen products
 
@@ -42,3 +46,27 @@ def test_stacked_and_gathered_routes_equal_the_per_row_sum_of_adapter_updates() 
     assert (gathered - expected).abs().max() < EXACT_ATOL
     assert torch.equal(stacked[2], torch.zeros(4, n_out, dtype=torch.float64))
     assert expected[0].abs().max() > 0.1
+
+
+def test_grouped_route_equals_each_rows_adapter_update_and_base_rows_get_zeros() -> None:
+    generator = torch.Generator().manual_seed(1)
+    n, r, n_in, n_out, seq = 3, 4, 7, 5, 2
+    A = torch.randn(n, r, n_in, generator=generator, dtype=torch.float64)
+    B_t = torch.randn(n, r, n_out, generator=generator, dtype=torch.float64)
+    # rows: group 2; base; group 0 weight 0.5; group 2 weight -1.5; group 0. Group 1 unused.
+    groups, weights = [2, None, 0, 2, 0], [1.0, 0.0, 0.5, -1.5, 1.0]
+    x = torch.randn(len(groups), seq, n_in, generator=generator, dtype=torch.float64)
+    size = 2  # the largest group
+    sources = torch.tensor([2, 4, 0, 0, 0, 3])  # group 1 and padding repeat rows
+    targets = torch.tensor([4, 0, 0, 5, 1])
+    got = grouped_lora_delta(
+        x, A, B_t, sources, targets, torch.tensor(weights, dtype=torch.float64)
+    )
+    assert sources.numel() == n * size
+    for row, group in enumerate(groups):
+        if group is None:
+            assert torch.equal(got[row], torch.zeros(seq, n_out, dtype=torch.float64))
+            continue
+        expected = weights[row] * x[row] @ A[group].t() @ B_t[group]
+        assert (got[row] - expected).abs().max() < EXACT_ATOL
+        assert expected.abs().max() > 0.1

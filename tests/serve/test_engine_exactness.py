@@ -99,12 +99,14 @@ def _prompt(length: int, salt: int) -> list[int]:
     return [(37 * i + 11 * salt) % 250 + 3 for i in range(length)]
 
 
-@pytest.mark.parametrize("route", ["stacked", "gathered"])
+@pytest.mark.parametrize("route", ["stacked", "gathered", "grouped"])
 def test_continuous_mixed_batch_greedy_tokens_and_logprobs_equal_merged_models(
     adapters: dict[str, Path], route: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # COPY_COST decides the route per layer; the extremes force one route everywhere.
+    # COPY_COST and REGROUP_COST decide the route per layer; their extremes force one route
+    # everywhere (grouped: wherever the rows allow it, one adapter of one rank per row).
     monkeypatch.setattr(routing_module, "COPY_COST", 1e9 if route == "stacked" else -1e9)
+    monkeypatch.setattr(routing_module, "REGROUP_COST", -1e9 if route == "grouped" else 1e9)
     engine = _engine(adapters)
     sampling = SamplingParams(max_tokens=MAX_TOKENS, logprobs=True)
     requests = []

@@ -18,6 +18,10 @@ Two equal routes compute it for a batch x (rows, seq, in):
 - `gathered_lora_delta`: each row gathers only the k columns it uses (its adapters' rows of
   A_cat and columns of B_cat, zero-coefficient padding to the longest row), then batched
   matmuls; its work does not grow with the adapters loaded, best for prefill (seq > 1).
+- `grouped_lora_delta`: when every row uses one adapter (or none) and those adapters share a
+  rank r, the rows are regrouped per adapter (n groups of m rows, padded) and two batched
+  matmuls run against the stacks viewed as (n, r, in) and (n, r, out), without copying any
+  factor; each row reads only its own adapter's columns, best for mixed decoding.
 """
 
 from __future__ import annotations
@@ -56,3 +60,27 @@ def gathered_lora_delta(
     hidden = torch.bmm(x, A_rows.transpose(1, 2))  # (rows, seq, k)
     hidden = hidden * coefficients.unsqueeze(1)
     return torch.bmm(hidden, B_rows)
+
+
+def grouped_lora_delta(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B_t: torch.Tensor,
+    sources: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Δy[row] = w[row] · B_g A_g x[row], g the group (adapter) of the row.
+
+    The n·m grouped positions hold x[sources[p]] (group p // m); row `row` reads its result at
+    position targets[row]. Padding positions may repeat any row: no target reads them.
+
+    Shapes: x (rows, seq, in), A (n, r, in), B_t (n, r, out) (B_g^T per group), sources (n·m,)
+    and targets (rows,) indices, weights (rows,) -> (rows, seq, out).
+    """
+    n, _, out_features = B_t.shape
+    rows, seq, in_features = x.shape
+    grouped = x.index_select(0, sources).view(n, -1, in_features)  # (n, m·seq, in)
+    hidden = torch.bmm(grouped, A.transpose(1, 2))  # (n, m·seq, r)
+    y = torch.bmm(hidden, B_t).view(-1, seq, out_features)  # (n·m, seq, out)
+    return y.index_select(0, targets) * weights.view(rows, 1, 1)

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.ops.gathered_lora import gathered_lora_delta, stacked_lora_delta
+from lorakit.ops.gathered_lora import (
+    gathered_lora_delta,
+    grouped_lora_delta,
+    stacked_lora_delta,
+)
 
 RowChoice = tuple[tuple[str, float], ...]
 # (adapter name, first row in the stacks, rank) per loaded adapter, in row order.
@@ -22,6 +26,42 @@ Layout = tuple[tuple[str, int, int], ...]
 # small matrices), in multiply-adds of one large product; measured on the benchmark model
 # (issue 13): decoding 16 rows over 8 adapters runs faster on the stacked route.
 COPY_COST = 16.0
+# Cost of regrouping one token's input for the grouped route, in the same unit.
+REGROUP_COST = 1.0
+
+
+@dataclass(frozen=True)
+class GroupedPlan:
+    """The rows regrouped per adapter, when each uses one adapter (or none) of one rank.
+
+    Attributes:
+        first: The first stacked row of the groups' span (a multiple of `rank`).
+        last: One past its last row; the span holds (last - first) / rank groups.
+        rank: The adapters' common rank.
+        size: Rows per group (m), padded to the largest group.
+        sources: (groups · size,): the batch row at each grouped position.
+        targets: (rows,): each row's grouped position (0 for base rows).
+        weights: (rows,): each row's weight on its adapter (0 for base rows).
+    """
+
+    first: int
+    last: int
+    rank: int
+    size: int
+    sources: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+
+    def cost(self, rows: int, seq: int) -> float:
+        """Multiply-adds per feature, plus REGROUP_COST per token for regrouping the inputs."""
+        return (self.last - self.first) * (self.size * seq + 1) + REGROUP_COST * rows * seq
+
+    def delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """The rows' updates: the stacks' span viewed per group, no factor copied."""
+        groups = (self.last - self.first) // self.rank
+        A_groups = A[self.first : self.last].view(groups, self.rank, A.shape[1])
+        B_groups = B.t()[self.first : self.last].view(groups, self.rank, B.shape[0])
+        return grouped_lora_delta(x, A_groups, B_groups, self.sources, self.targets, self.weights)
 
 
 @dataclass(frozen=True)
@@ -34,6 +74,8 @@ class RowPlan:
         coefficients: (rows, last - first): each row's weight on those columns (stacked route).
         columns: (rows, k): the columns each row gathers, padded with column `first`.
         column_coefficients: (rows, k): their weights, 0 on padding (gathered route).
+        grouped: The rows per adapter (grouped route), None when a row blends adapters of
+            this layer or the adapters used differ in rank.
     """
 
     first: int
@@ -41,18 +83,24 @@ class RowPlan:
     coefficients: torch.Tensor
     columns: torch.Tensor
     column_coefficients: torch.Tensor
+    grouped: GroupedPlan | None = None
 
     def delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """The rows' low-rank updates for x (rows, seq, in), by the cheaper route.
+        """The rows' low-rank updates for x (rows, seq, in), by the cheapest route.
 
         Stacked multiplies every row by the span of columns the batch uses (all rows on one
         adapter: that adapter's columns only); gathered copies each row's k columns of A and
-        B, then multiplies by k columns only.
+        B, then multiplies by k columns only; grouped multiplies each adapter's rows by its
+        own columns, read in place.
         """
         rows, seq, _ = x.shape
         span, k = self.last - self.first, self.columns.shape[1]
         stacked_cost = span * (rows * seq + 1)
         gathered_cost = k * (rows * seq + COPY_COST * rows)
+        if self.grouped is not None and self.grouped.cost(rows, seq) < min(
+            stacked_cost, gathered_cost
+        ):
+            return self.grouped.delta(x, A, B)
         if stacked_cost <= gathered_cost:
             A_used, B_used = A[self.first : self.last], B[:, self.first : self.last]
             return stacked_lora_delta(x, A_used, B_used, self.coefficients)
@@ -95,6 +143,50 @@ def build_plan(
         coefficients=coefficients[:, first:last].contiguous().to(device, dtype),
         columns=columns_tensor.to(device),
         column_coefficients=weights_tensor.to(device, dtype),
+        grouped=_grouped_plan(choices, offsets, dtype, device),
+    )
+
+
+def _grouped_plan(
+    choices: Sequence[RowChoice],
+    offsets: dict[str, tuple[int, int]],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> GroupedPlan | None:
+    """Rows per adapter for `offsets` (name -> first row, rank), or None when not eligible."""
+    row_adapters = [[(n, w) for n, w in choice if n in offsets] for choice in choices]
+    if any(len(used) > 1 for used in row_adapters):
+        return None
+    ranks = {offsets[used[0][0]][1] for used in row_adapters if used}
+    if len(ranks) != 1:
+        return None
+    rank = ranks.pop()
+    members: dict[int, list[int]] = {}
+    for row, used in enumerate(row_adapters):
+        if used:
+            start = offsets[used[0][0]][0]
+            if start % rank:
+                return None
+            members.setdefault(start // rank, []).append(row)
+    first_group, last_group = min(members), max(members) + 1
+    size = max(len(rows) for rows in members.values())
+    sources: list[int] = []
+    targets = [0] * len(choices)
+    weights = [0.0] * len(choices)
+    for group in range(first_group, last_group):
+        rows = members.get(group, [])
+        for index, row in enumerate(rows):
+            targets[row] = len(sources) + index
+            weights[row] = row_adapters[row][0][1]
+        sources += rows + [rows[0] if rows else 0] * (size - len(rows))
+    return GroupedPlan(
+        first=first_group * rank,
+        last=last_group * rank,
+        rank=rank,
+        size=size,
+        sources=torch.tensor(sources, dtype=torch.long, device=device),
+        targets=torch.tensor(targets, dtype=torch.long, device=device),
+        weights=torch.tensor(weights, dtype=torch.float32).to(device, dtype),
     )
 
 
