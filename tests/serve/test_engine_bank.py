@@ -7,10 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_support import byte_llama, byte_tokenizer, merged_by_hand, save_adapter
+import lorakit.serve.routing as routing_module
+from engine_support import (
+    byte_llama,
+    byte_tokenizer,
+    greedy_reference,
+    merged_by_hand,
+    save_adapter,
+)
 from lorakit.errors import ServeError
-from lorakit.serve import Engine
+from lorakit.ops.gathered_lora import grouped_lora_delta
+from lorakit.serve import Engine, SamplingParams
 from lorakit.serve.bank import AdapterBank
+from lorakit.serve.types import AdapterSpec
 
 FP32_LOGITS_ATOL = 1e-4
 QV = ["q_proj", "v_proj"]
@@ -132,6 +141,51 @@ def test_unloads_shrink_stacks_whose_free_rows_outnumber_the_loaded_ones(
     assert _q_proj(reserved).capacity == 16
 
 
+def test_free_rows_enough_but_scattered_are_packed_without_growing(
+    folders: dict[str, Path],
+) -> None:
+    engine = _engine(reserve_rank=20)
+    for name in ("a", "b", "c"):
+        engine.load_adapter(name, folders[name])
+    engine.unload_adapter("a")  # free: rows 0-4 and 16-20
+    bank = _q_proj(engine)
+    rows = {name: _rows(bank, name) for name in ("b", "c")}
+    engine.load_adapter("d", folders["d"])  # rank 6: no free run fits, 8 free rows in all
+    assert bank.capacity == 20 and bank.layout == (("b", 0, 8), ("c", 8, 4), ("d", 12, 6))
+    for name, (A, B_t) in rows.items():
+        got_A, got_B_t = _rows(bank, name)
+        assert torch.equal(got_A, A) and torch.equal(got_B_t, B_t)
+
+
 def test_a_negative_reserve_is_refused_with_the_fix() -> None:
     with pytest.raises(ServeError, match=r"reserve_rank=-1 is not allowed: it must be an int >= 0"):
         _engine(reserve_rank=-1)
+
+
+def test_decoding_rows_of_same_rank_adapters_takes_the_grouped_route_and_stays_exact(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
+    def counting(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(args[0].shape[0])
+        return grouped_lora_delta(*args)
+
+    monkeypatch.setattr(routing_module, "grouped_lora_delta", counting)
+    engine = _engine()
+    engine.load_adapter("a", folders["a"])
+    engine.load_adapter("c", folders["c"])
+    specs: list[AdapterSpec] = ["a", "c", None, {"c": 0.5}, "a"]
+    prompt = [104, 101, 108, 108, 111]
+    handles = [
+        engine.submit(prompt[: 3 + i % 3], spec, SamplingParams(max_tokens=6))
+        for i, spec in enumerate(specs)
+    ]
+    engine._run_inline(handles)
+    # q_proj and v_proj of 2 layers, 5 decoding steps of 5 rows (prefill: 5 rows too).
+    assert calls.count(5) >= 4 * 5
+    for i, (spec, handle) in enumerate(zip(specs, handles, strict=True)):
+        blend = {} if spec is None else {spec: 1.0} if isinstance(spec, str) else spec
+        assert isinstance(blend, dict)
+        reference = merged_by_hand(byte_llama(), {folders[n]: w for n, w in blend.items()})
+        assert [e.token_id for e in handle] == greedy_reference(reference, prompt[: 3 + i % 3], 6)

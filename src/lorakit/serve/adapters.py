@@ -1,10 +1,11 @@
 """Reading a PEFT adapter folder into what the engine serves: per-layer factors and heads.
 
-An adapter becomes, for every module it adapts, A (r, in) and s·B (out, r) with its scale
-s = lora_alpha / r (or / sqrt(r) with rsLoRA; `rank_pattern` and `alpha_pattern` per module)
-folded in, in the engine's dtype; and, for classification adapters, the state of each module
-it saves whole (`modules_to_save`, e.g. the classifier head). Features the engine does not
-serve are refused by name before anything is loaded.
+An adapter becomes, for every module it adapts, A (r, in) in the engine's dtype, B (out, r) in
+float32 and its scale s = lora_alpha / r (or / sqrt(r) with rsLoRA; `rank_pattern` and
+`alpha_pattern` per module), which the banks fold into B as they write it; and, for
+classification adapters, the state of each module it saves whole (`modules_to_save`, e.g. the
+classifier head). Features the engine does not serve are refused by name before anything is
+loaded.
 """
 
 from __future__ import annotations
@@ -58,19 +59,19 @@ class AdapterWeights:
 
     Attributes:
         info: What `Engine.adapters()` reports.
-        factors: Module path -> (A (r, in), s·B (out, r)).
+        factors: Module path -> (A (r, in) in the engine's dtype, B (out, r) in float32, s).
         heads: Module path -> the state dict of the module it replaces (modules_to_save).
     """
 
     info: AdapterInfo
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     heads: dict[str, dict[str, torch.Tensor]]
 
     def tensor_bytes(self) -> int:
-        """Bytes of the adapter's tensors (as the banks will hold them)."""
-        tensors = [t for pair in self.factors.values() for t in pair]
-        tensors += [t for state in self.heads.values() for t in state.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of the adapter's tensors as the banks hold them (A's dtype for s·B too)."""
+        total = sum((A.numel() + B.numel()) * A.element_size() for A, B, _ in self.factors.values())
+        heads = [t for state in self.heads.values() for t in state.values()]
+        return total + sum(t.numel() * t.element_size() for t in heads)
 
 
 def module_features(module: nn.Module) -> tuple[int, int] | None:
@@ -125,7 +126,7 @@ def _factors(
     modules: dict[str, nn.Module],
     dtype: torch.dtype,
     device: torch.device,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     factors = {}
     for path in lora_module_paths(tensors):
         if path not in modules:
@@ -151,8 +152,8 @@ def _factors(
         r = A.shape[0]
         alpha = pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
         scale = lora_scale(alpha, r, bool(config.get("use_rslora", False)))
-        # B is the reader's own copy (or a float copy of it): scaled in place, in fp32.
-        factors[path] = (A.to(device, dtype), B.mul_(scale).to(device, dtype))
+        # B stays in float32: the bank scales it and casts to the engine's dtype as it writes.
+        factors[path] = (A.to(device, dtype), B.to(device), scale)
     return factors
 
 
@@ -210,7 +211,7 @@ def read_adapter(
             for p in paths
         }
         _check_head(owner, heads[owner], modules[owner])
-    ranks = [A.shape[0] for A, _ in factors.values()]
+    ranks = [A.shape[0] for A, _, _ in factors.values()]
     info = AdapterInfo(
         name=name,
         path=str(folder),

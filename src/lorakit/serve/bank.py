@@ -30,9 +30,10 @@ class AdapterBank(nn.Module):
     (s·B)^T on the same rows; `layout` says which adapter owns which segment (name, first row,
     rank), in row order. Rows no adapter owns are zero, so their zero coefficients add exact
     zeros. A load writes only its own segment: the first free run of rows long enough (rows
-    an unload freed, or the reserve), or, when none is, stacks grown to
-    max(needed, GROWTH_FACTOR × capacity) rows (the others' rows copied once). B is kept
-    transposed so that both routes read rows of it.
+    an unload freed, or the reserve); when none is, the owned rows are copied once into new
+    stacks, packed, of the same rows if the free ones were only scattered, else of
+    max(needed, GROWTH_FACTOR × capacity) rows. B is kept transposed so that every route reads
+    rows of it.
 
     Args:
         base_layer: The Linear, Conv1D or QuantLinear the bank wraps.
@@ -71,27 +72,45 @@ class AdapterBank(nn.Module):
             start = first + rank
         return start if self.capacity - start >= r else None
 
-    def _grow(self, needed: int, like: torch.Tensor) -> None:
-        """Stacks of max(needed, reserve, GROWTH_FACTOR × capacity) rows, owned rows kept."""
-        capacity = max(needed, self.reserve_rank, GROWTH_FACTOR * self.capacity)
+    def _make_room(self, r: int, like: torch.Tensor) -> None:
+        """New stacks where `r` rows fit after the owned ones, packed in order.
+
+        Free rows that are enough but scattered keep the capacity; too few grow it to
+        max(needed, reserve, GROWTH_FACTOR × capacity): at most max(reserve, 2 × owned) after.
+        """
+        capacity = self.capacity
+        if capacity - self.used_rank < r:
+            capacity = max(self.used_rank + r, self.reserve_rank, GROWTH_FACTOR * capacity)
+        self._repack(capacity, like)
+
+    def _repack(self, capacity: int, like: torch.Tensor) -> None:
+        """Stacks of `capacity` rows (zero), the owned segments copied in, packed in order."""
         A = like.new_zeros(capacity, self.in_features)
         B_t = like.new_zeros(capacity, self.out_features)
-        if self.A is not None and self.B_t is not None:
-            A[: self.capacity] = self.A
-            B_t[: self.capacity] = self.B_t
-        self.A, self.B_t = A, B_t
+        layout, row = [], 0
+        for name, start, r in self.layout:
+            assert self.A is not None and self.B_t is not None
+            A[row : row + r] = self.A[start : start + r]
+            B_t[row : row + r] = self.B_t[start : start + r]
+            layout.append((name, row, r))
+            row += r
+        self.A, self.B_t, self.layout = A, B_t, tuple(layout)
 
-    def add(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Write adapter `name`'s A (r, in) and s·B (out, r) into free rows of the stacks."""
+    def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        """Write adapter `name`'s A (r, in) and scale·B (out, r) into free rows of the stacks.
+
+        B (float32) is scaled, then transposed and cast to the stacks' dtype as it is written.
+        """
         assert A.shape[1] == self.in_features and B.shape[0] == self.out_features
         r = A.shape[0]
         start = self._free_start(r)
         if start is None:
-            self._grow(self.used_rank + r, A)
+            self._make_room(r, A)
             start = self._free_start(r)
         assert start is not None and self.A is not None and self.B_t is not None
         self.A[start : start + r] = A
-        self.B_t[start : start + r] = B.t()
+        # Scaled in float32 first: a transposing copy of a contiguous tensor is the fast one.
+        self.B_t[start : start + r] = (B * scale).t()
         self.layout = tuple(sorted((*self.layout, (name, start, r)), key=lambda s: s[1]))
 
     def remove(self, name: str) -> None:
@@ -115,21 +134,13 @@ class AdapterBank(nn.Module):
         self._compact()
 
     def _compact(self) -> None:
-        """Stacks of max(owned, reserve) rows holding the owned segments packed in order."""
-        assert self.A is not None and self.B_t is not None
+        """Stacks of max(owned, reserve) rows holding the owned segments (none: no stacks)."""
+        assert self.A is not None
         capacity = max(self.used_rank, self.reserve_rank)
         if capacity == 0:
             self.A = self.B_t = None
             return
-        A = self.A.new_zeros(capacity, self.in_features)
-        B_t = self.B_t.new_zeros(capacity, self.out_features)
-        layout, row = [], 0
-        for name, start, r in self.layout:
-            A[row : row + r] = self.A[start : start + r]
-            B_t[row : row + r] = self.B_t[start : start + r]
-            layout.append((name, row, r))
-            row += r
-        self.A, self.B_t, self.layout = A, B_t, tuple(layout)
+        self._repack(capacity, self.A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -200,13 +211,13 @@ class ModelBanks:
     def add(self, weights: AdapterWeights) -> None:
         """Put an adapter's factors and saved modules in the banks of the modules it adapts."""
         name = weights.info.name
-        for path, (A, B) in weights.factors.items():
+        for path, (A, B, scale) in weights.factors.items():
             if path not in self.layers:
                 self.layers[path] = AdapterBank(
                     self._modules[path], self._routing, self._reserve_rank
                 )
                 self._install(path, self.layers[path])
-            self.layers[path].add(name, A, B)
+            self.layers[path].add(name, A, B, scale)
         for path, state in weights.heads.items():
             if path not in self.heads:
                 self.heads[path] = HeadBank(self._modules[path], self._routing)
