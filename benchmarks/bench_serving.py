@@ -7,9 +7,13 @@ Model: the "small" Llama-style base (hidden 512, 8 layers) with 8 all-linear r=1
              (2 rows each); and the forward of 16 single tokens without a cache (the way the
              issue measured peft's `adapter_names`) for the engine and for peft.
   prefill    a 16 x 64 forward: one adapter vs spread over 8 (engine and peft).
-  memory     bytes the engine's banks hold per loaded adapter vs the adapter's tensor bytes,
-             and the bytes of all tensor storages the 8 loads left alive (found by gc).
-  hot load   Engine.load_adapter of the 8th adapter vs reading its safetensors file.
+  memory     bytes the engine's banks hold per loaded adapter vs the adapter's tensor bytes:
+             the whole stacks (rows the adapters own plus free rows, which the default
+             doubling growth leaves; 8 adapters of r=16 fill 128 rows exactly, other counts
+             would not), and the owned rows alone; and the bytes of all tensor storages the 8
+             loads left alive (found by gc).
+  hot load   Engine.load_adapter of the 8th adapter (after unloading it: the load writes into
+             the rows the unload freed) vs reading its safetensors file.
 Targets (issue 13): mixed decode <= 1.3x single-adapter decode and >= 2.5x peft's mixed
 throughput; mixed prefill throughput >= 0.95x single; memory <= 1.1x tensor bytes; hot load
 <= 2x file read.
@@ -196,14 +200,17 @@ def prefill_cases(engine: EngineCases, peft_cases: PeftCases | None) -> list[har
     return cases
 
 
-def held_bytes(engine: Any) -> int:
-    """Bytes of the factors every bank of the engine holds."""
-    total = 0
-    for bank in engine._banks.layers.values():
-        for tensor in (bank.A, bank.B_t):
-            if tensor is not None:
-                total += tensor.untyped_storage().nbytes()
-    return total
+def held_bytes(engine: Any) -> tuple[int, int]:
+    """Bytes of the engine's bank stacks: (all storage, rows loaded adapters own)."""
+    owned, free = engine._banks.factor_bytes()
+    storage = sum(
+        tensor.untyped_storage().nbytes()
+        for bank in engine._banks.layers.values()
+        for tensor in (bank.A, bank.B_t)
+        if tensor is not None
+    )
+    assert storage == owned + free
+    return storage, owned
 
 
 def live_storages() -> dict[int, int]:
@@ -223,7 +230,7 @@ def memory_and_load(engine: EngineCases, folders: list[Path], reps: int) -> dict
     """Held bytes per adapter vs tensor bytes, and hot load vs file read (median seconds)."""
     files = [load_file(folder / "adapter_model.safetensors") for folder in folders]
     tensor_bytes = sum(t.numel() * t.element_size() for f in files for t in f.values())
-    held = held_bytes(engine.engine)
+    held, owned = held_bytes(engine.engine)
     last, name = folders[-1], engine.names[-1]
     cases = [
         harness.Case("read file", lambda: load_file(last / "adapter_model.safetensors")),
@@ -239,6 +246,7 @@ def memory_and_load(engine: EngineCases, folders: list[Path], reps: int) -> dict
         "held MiB per adapter": held / ADAPTERS / 2**20,
         "tensor MiB per adapter": tensor_bytes / ADAPTERS / 2**20,
         "memory held / tensor bytes": held / tensor_bytes,
+        "owned rows / tensor bytes": owned / tensor_bytes,
         "live tensor bytes the loads added / tensor bytes": engine.live_bytes_added / tensor_bytes,
         "hot load / file read": timings.paired_ratio("hot load (7 loaded)", "read file"),
     }
