@@ -99,7 +99,7 @@ class AdapterBank(nn.Module):
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
         """Write adapter `name`'s A (r, in) and scale·B (out, r) into free rows of the stacks.
 
-        B (float32) is scaled, then transposed and cast to the stacks' dtype as it is written.
+        B (float32) is scaled, transposed and cast to the stacks' dtype in one pass.
         """
         assert A.shape[1] == self.in_features and B.shape[0] == self.out_features
         r = A.shape[0]
@@ -109,8 +109,7 @@ class AdapterBank(nn.Module):
             start = self._free_start(r)
         assert start is not None and self.A is not None and self.B_t is not None
         self.A[start : start + r] = A
-        # Scaled in float32 first: a transposing copy of a contiguous tensor is the fast one.
-        self.B_t[start : start + r] = (B * scale).t()
+        torch.mul(B.t(), scale, out=self.B_t[start : start + r])
         self.layout = tuple(sorted((*self.layout, (name, start, r)), key=lambda s: s[1]))
 
     def remove(self, name: str) -> None:
