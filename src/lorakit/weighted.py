@@ -43,34 +43,36 @@ def add_weighted_adapter(
             f"add_weighted_adapter got {len(adapters)} adapters and {len(weights)} weights; "
             "give one weight per adapter (at least one)."
         )
-    uses_parameters = [name for name in adapters if model.peft_config[name].target_parameters]
-    if uses_parameters:
-        raise ConfigError(
-            f"add_weighted_adapter cannot combine adapters {uses_parameters}, which adapt "
-            "parameters (target_parameters): their A and B hold one block per expert (PEFT "
-            "refuses them too). Fix: combine adapters without target_parameters."
-        )
-    uses_dora = [name for name in adapters if model.peft_config[name].use_dora]
-    if uses_dora:
-        raise ConfigError(
-            f"add_weighted_adapter cannot combine DoRA adapters {uses_dora}: their magnitude "
+    configs = {name: model.peft_config[name] for name in adapters}
+    for uses, message in (
+        (
+            lambda config: bool(config.target_parameters),
+            "add_weighted_adapter cannot combine adapters {names}, which adapt parameters "
+            "(target_parameters): their A and B hold one block per expert (PEFT refuses them "
+            "too). Fix: combine adapters without target_parameters.",
+        ),
+        (
+            lambda config: bool(config.use_dora),
+            "add_weighted_adapter cannot combine DoRA adapters {names}: their magnitude "
             "vectors would have to be combined too, which has no defined rule (peft keeps the "
             "new adapter's freshly initialised magnitudes instead). Fix: combine adapters "
-            "without use_dora."
-        )
-    uses_tokens = [n for n in adapters if model.peft_config[n].trainable_token_indices is not None]
-    if uses_tokens:
-        raise ConfigError(
-            f"add_weighted_adapter cannot combine adapters {uses_tokens}, which train token "
-            "rows (trainable_token_indices). Fix: combine adapters without them."
-        )
-    uses_bias = [name for name in adapters if model.peft_config[name].lora_bias]
-    if uses_bias:
-        raise ConfigError(
-            f"add_weighted_adapter cannot combine adapters {uses_bias}, which train a bias on "
+            "without use_dora.",
+        ),
+        (
+            lambda config: config.trainable_token_indices is not None,
+            "add_weighted_adapter cannot combine adapters {names}, which train token rows "
+            "(trainable_token_indices). Fix: combine adapters without them.",
+        ),
+        (
+            lambda config: bool(config.lora_bias),
+            "add_weighted_adapter cannot combine adapters {names}, which train a bias on "
             "lora_B (lora_bias=True): the combination is of A and B only, so their biases "
-            "would be dropped. Fix: combine adapters without lora_bias."
-        )
+            "would be dropped. Fix: combine adapters without lora_bias.",
+        ),
+    ):
+        names = [name for name, config in configs.items() if uses(config)]
+        if names:
+            raise ConfigError(message.format(names=names))
     if any(model.peft_config[name].modules_to_save for name in adapters):
         raise ConfigError(
             "add_weighted_adapter cannot combine adapters that train whole modules "

@@ -35,7 +35,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from .dropout import DropoutDraw, SharedDropout, new_draw, rebuild, unpack_mask
+from .dropout import DropoutDraw, SharedDropout, rebuild, unpack_mask
+from .lora_branch import draw_for, scaled_thin_side
 
 # Rows of W cast to the adapter dtype at a time when forming P = W Aᵀ from a narrower base
 # (bounds the transient copy to this many rows × in).
@@ -113,19 +114,6 @@ def dora_unmerged(W_merged: torch.Tensor, delta: torch.Tensor, g: torch.Tensor) 
     return W_merged.to(delta.dtype) / g - delta
 
 
-def _scaled(u: torch.Tensor, c: Scale) -> tuple[torch.Tensor, float]:
-    """(u', alpha) with alpha · u' = c · u (a tensor c is multiplied into the thin side)."""
-    if isinstance(c, torch.Tensor):
-        return u * c, 1.0
-    return u, c
-
-
-def _draw_for(x: torch.Tensor, p: float, shared: SharedDropout | None) -> DropoutDraw | None:
-    if p == 0:
-        return None
-    return new_draw(x, p) if shared is None else shared.draw(x, p)
-
-
 class DoraBranch(NamedTuple):
     """DoRA as a branch of the fused LoRA node (`ops.lora_node`), for a linear base.
 
@@ -180,7 +168,7 @@ class DoraBranch(NamedTuple):
         g = m.reshape(-1) / self.n  # (out,)
         kept = x2 if self.draw is None else self.draw.x_kept
         u = kept.to(A.dtype) @ A.t()  # (N, r)
-        su, alpha = _scaled(u, self.scale)
+        su, alpha = scaled_thin_side(u, self.scale)
         if self.draw is None:
             t = out.to(A.dtype, copy=True).addmm_(su, B.t(), alpha=alpha)
             if out.dtype == t.dtype:
@@ -251,7 +239,7 @@ class DoraBranch(NamedTuple):
         A, B, m = tensors
         g = m.reshape(-1) / self.n
         x_lora = x.to(A.dtype)
-        draw = _draw_for(x, self.p, self.shared)
+        draw = draw_for(x, self.p, self.shared)
         on_dropped = None
         if draw is not None:
             dropped = unpack_mask(draw.saved_mask, (x.numel() // x.shape[-1], x.shape[-1]))
