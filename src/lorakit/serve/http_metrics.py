@@ -53,7 +53,10 @@ class EngineCollector:
         per_adapter = core.CounterMetricFamily(
             "lorakit_adapter_requests", "Requests accepted per adapter.", labels=["adapter"]
         )
-        for adapter, count in sorted(stats["per_adapter_requests"].items()):
+        # Every loaded adapter has a sample from its load on (0 until its first request), so a
+        # scrape never lacks a series that a later one has.
+        counts = dict.fromkeys(self._engine.adapters(), 0) | stats["per_adapter_requests"]
+        for adapter, count in sorted(counts.items()):
             per_adapter.add_metric([adapter], count)
         yield per_adapter
         yield core.GaugeMetricFamily(

@@ -176,11 +176,19 @@ def start_process_group(
     return True
 
 
-def stop_process_group() -> None:
-    """Destroy the default process group, if there is one."""
+def stop_process_group(wait_for_all: bool = False) -> None:
+    """Destroy the default process group, if there is one.
+
+    `wait_for_all` (after a run every rank finished) first meets the other ranks at a barrier:
+    a rank that tore its group down while gloo's threads still served another rank's last
+    collective aborted at exit ("terminate called without an active exception", exit -6).
+    Never after a failure, where the other ranks may not come.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 

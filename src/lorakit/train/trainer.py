@@ -144,13 +144,16 @@ class Trainer:
         run = detect_launch()
         device = training_device(run, self.model)
         is_started = start_process_group(run, device)
+        has_finished = False
         try:
             self.run = run
             self.is_sharded = run.is_distributed and self.config.strategy == "fsdp"
             if device != self.device and not self.is_sharded:  # FSDP moves only the shards
                 self.model.to(device)
             self.device = device
-            return self._train()
+            summary = self._train()
+            has_finished = True
+            return summary
         except Exception as error:
             if run.is_distributed:
                 logger.error("rank %d of %d failed: %r", run.rank, run.world_size, error)
@@ -162,7 +165,7 @@ class Trainer:
                 self.training_model = self.model
                 gc.collect()  # DDP's hooks form cycles: collect it now, not at exit
             if is_started:
-                stop_process_group()
+                stop_process_group(wait_for_all=has_finished)
 
     def _train(self) -> dict[str, Any]:
         config, run = self.config, self.run
