@@ -325,13 +325,15 @@ def read_status_kib(field_name: str) -> int:
 
 
 def report_to_parent(result: dict[str, Any]) -> None:
-    """Called in a child: prints its result as one tagged JSON line for `run_child`."""
+    """Called in a child at its end: prints its result, with its own peak RSS (VmHWM) as
+    `vmhwm_kib`, as one tagged JSON line for `run_child`."""
+    result = {"vmhwm_kib": read_status_kib("VmHWM"), **result}
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 @dataclass
 class ChildResult:
-    """What a child process reported, plus its peak RSS as the kernel saw it at exit."""
+    """What a child process reported, its peak RSS (its own VmHWM) and its wall time."""
 
     report: dict[str, Any]
     peak_rss_kib: int
@@ -339,11 +341,13 @@ class ChildResult:
 
 
 def run_child(argv: Sequence[str], env: dict[str, str] | None = None) -> ChildResult:
-    """Runs `python argv...` in a fresh process and returns its report and kernel peak RSS.
+    """Runs `python argv...` in a fresh process and returns its report and its peak RSS.
 
-    The peak comes from `wait4`'s rusage of that very child (ru_maxrss, KiB on Linux), so
-    children run one after another never mix their peaks. The child's stderr goes straight
-    to ours; its stdout is scanned for the line written by `report_to_parent`.
+    The peak is the child's own VmHWM, which `report_to_parent` reads at its end. Not
+    `wait4`'s ru_maxrss: Linux counts in it the RSS the forked process had before its exec,
+    that is this parent's, so a parent that had grown (a time section run before) gave every
+    child the same "peak" (2156 MiB for both libraries in bench_dora). The child's stderr
+    goes straight to ours; its stdout is scanned for the line written by `report_to_parent`.
     """
     start = time.perf_counter()
     child_env = dict(os.environ if env is None else env)
@@ -352,7 +356,7 @@ def run_child(argv: Sequence[str], env: dict[str, str] | None = None) -> ChildRe
     )
     assert process.stdout is not None
     output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
+    _, status, _usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     if process.returncode != 0:
@@ -363,7 +367,7 @@ def run_child(argv: Sequence[str], env: dict[str, str] | None = None) -> ChildRe
     if len(reports) != 1:
         raise RuntimeError(f"child {' '.join(argv)} printed {len(reports)} result lines:\n{output}")
     report = json.loads(reports[0][len(RESULT_PREFIX) :])
-    return ChildResult(report=report, peak_rss_kib=int(usage.ru_maxrss), wall_seconds=wall)
+    return ChildResult(report=report, peak_rss_kib=int(report["vmhwm_kib"]), wall_seconds=wall)
 
 
 def parse_cases(text: str, allowed: Sequence[str]) -> list[str]:
