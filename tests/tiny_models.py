@@ -15,10 +15,11 @@ def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     return build().eval()
 
 
-def tiny_llama(vocab_size: int = 128, tie_word_embeddings: bool = False) -> torch.nn.Module:
+def tiny_causal_lm(family: str, vocab_size: int = 128, **options: object) -> torch.nn.Module:
+    """A 2-layer causal LM of a Llama-shaped transformers family ("Llama", "Qwen2", "Mistral")."""
     import transformers
 
-    config = transformers.LlamaConfig(
+    config = getattr(transformers, f"{family}Config")(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -26,9 +27,13 @@ def tiny_llama(vocab_size: int = 128, tie_word_embeddings: bool = False) -> torc
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        tie_word_embeddings=tie_word_embeddings,
+        **options,
     )
-    return _seeded(lambda: transformers.LlamaForCausalLM(config))
+    return _seeded(lambda: getattr(transformers, f"{family}ForCausalLM")(config))
+
+
+def tiny_llama(vocab_size: int = 128, tie_word_embeddings: bool = False) -> torch.nn.Module:
+    return tiny_causal_lm("Llama", vocab_size, tie_word_embeddings=tie_word_embeddings)
 
 
 def tiny_gpt2() -> torch.nn.Module:

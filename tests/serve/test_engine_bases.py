@@ -19,7 +19,7 @@ from engine_support import (
 )
 from lorakit.quant import QuantLinear, load_quantized
 from lorakit.serve import Engine, SamplingParams
-from tiny_models import tiny_gpt2
+from tiny_models import tiny_causal_lm, tiny_gpt2
 
 FP32_LOGITS_ATOL = 1e-4  # update added to the base output vs merged into the weights
 # bf16 keeps 8 bits of mantissa: logits of size ~1 differ by a few 1e-3 between two bf16 orders.
@@ -29,35 +29,11 @@ PROMPTS = [[5, 17, 99, 3, 42], [7, 8], [100, 2, 64, 31, 12, 9, 77, 18]]
 
 
 def tiny_qwen2() -> torch.nn.Module:
-    import transformers
-
-    config = transformers.Qwen2Config(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.Qwen2ForCausalLM(config).eval()
+    return tiny_causal_lm("Qwen2").eval()
 
 
 def tiny_mistral() -> torch.nn.Module:
-    import transformers
-
-    config = transformers.MistralConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.MistralForCausalLM(config).eval()
+    return tiny_causal_lm("Mistral").eval()
 
 
 def tiny_qwen2_moe() -> torch.nn.Module:
