@@ -55,17 +55,7 @@ def train_case(name: str, lib: ModuleType, dropout: float, ids: torch.Tensor) ->
     """A LoRA training step with `lib`: forward, backward, AdamW step, zero_grad."""
     base = harness.build_llama("small")
     model = lib.get_peft_model(base, harness.lora_config(lib, lora_dropout=dropout))
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
-    print(f"{name}: {sum(p.numel() for p in trainable):,} trainable parameters")
-
-    def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return harness.Case(name, step)
+    return harness.training_step_case(name, model.train(), ids, LEARNING_RATE)
 
 
 def run_train(libs: dict[str, ModuleType], ids: torch.Tensor, args: argparse.Namespace) -> None:

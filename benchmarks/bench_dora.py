@@ -52,17 +52,7 @@ def dora_model(lib: ModuleType, dropout: float) -> Any:
 
 def step_case(name: str, lib: ModuleType, dropout: float, ids: torch.Tensor) -> harness.Case:
     """A DoRA training step with `lib`: forward, backward, AdamW step, zero_grad."""
-    model = dora_model(lib, dropout)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
-    print(f"{name}: {sum(p.numel() for p in trainable):,} trainable parameters")
-
-    def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return harness.Case(name, step)
+    return harness.training_step_case(name, dora_model(lib, dropout), ids, LEARNING_RATE)
 
 
 def run_time(libs: dict[str, ModuleType], ids: torch.Tensor, args: argparse.Namespace) -> None:

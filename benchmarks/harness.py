@@ -239,6 +239,22 @@ class Timings:
         return statistics.median(a / b for a, b in pairs)
 
 
+def training_step_case(
+    name: str, model: torch.nn.Module, ids: torch.Tensor, learning_rate: float
+) -> Case:
+    """A training step of `model` on `ids` as a case: forward, backward, AdamW step, zero_grad."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
+    print(f"{name}: {sum(p.numel() for p in trainable):,} trainable parameters")
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Case(name, step)
+
+
 def _time_once(case: Case) -> float:
     total = 0.0
     for _ in range(case.number):

@@ -31,30 +31,17 @@ B (dim, r)) is the linear case of Wᵀ: one norm per embedding dimension.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 
 from .dropout import DropoutDraw, SharedDropout, rebuild, unpack_mask
-from .lora_branch import draw_for, scaled_thin_side
+from .lora_branch import Scale, draw_for, scaled_thin_side
+from .lora_node import NodeBase
 
 # Rows of W cast to the adapter dtype at a time when forming P = W Aᵀ from a narrower base
 # (bounds the transient copy to this many rows × in).
 CAST_ROWS = 1024
-# s: a number (eager) or a 0-dim tensor (compiled).
-Scale = float | torch.Tensor
-
-
-class BaseMap(Protocol):
-    """What the DoRA branch asks of the fused node's base (`ops.lora_node`'s protocol)."""
-
-    def output(
-        self, x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
-    ) -> torch.Tensor: ...
-
-    def input_grad(
-        self, g: torch.Tensor, weight: torch.Tensor | None, into: torch.Tensor | None
-    ) -> torch.Tensor: ...
 
 
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -142,7 +129,7 @@ class DoraBranch(NamedTuple):
     scale: Scale
     p: float
     n: torch.Tensor
-    base: BaseMap
+    base: NodeBase  # the node's base; the branch uses its output and input_grad
     weight: torch.Tensor | None
     bias: torch.Tensor | None = None
     shared: SharedDropout | None = None
