@@ -80,3 +80,11 @@ class RequestTooLargeError(ServeError, ValueError):
 
 class AdapterInUseError(ServeError, RuntimeError):
     """An adapter still used by running or waiting requests was asked to unload without waiting."""
+
+
+class LoadSpecError(ServeError, ValueError):
+    """A load test's request mix or options cannot be run (`lorakit.serve.loadgen`)."""
+
+
+class LoadTestError(ServeError, RuntimeError):
+    """A load test lost requests or got answers unlike their references (the message lists them)."""
