@@ -88,3 +88,11 @@ class LoadSpecError(ServeError, ValueError):
 
 class LoadTestError(ServeError, RuntimeError):
     """A load test lost requests or got answers unlike their references (the message lists them)."""
+
+
+class ExportError(LorakitError, ValueError):
+    """An adapter cannot be exported for another runtime (`lorakit.export`).
+
+    The message names the feature that runtime would not run (or the path that cannot be
+    written) and the fix.
+    """
