@@ -31,15 +31,25 @@ def route_label(path: str, route_paths: frozenset[str]) -> str:
 
 
 class ApiKeyGate:
-    """ASGI wrapper: checks the API key on every HTTP request and counts answers by route."""
+    """ASGI wrapper: checks the API key on every HTTP request and counts answers by route.
+
+    `public_paths` (the playground page's files, which hold no data) load without the key
+    on GET and HEAD; every other request needs it.
+    """
 
     def __init__(
-        self, app: Any, api_key: str | None, metrics: ServerMetrics, route_paths: frozenset[str]
+        self,
+        app: Any,
+        api_key: str | None,
+        metrics: ServerMetrics,
+        route_paths: frozenset[str],
+        public_paths: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self._api_key = api_key
         self._metrics = metrics
         self._route_paths = route_paths
+        self._public_paths = public_paths
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -62,6 +72,8 @@ class ApiKeyGate:
 
     def _is_authorized(self, scope: dict[str, Any]) -> bool:
         if self._api_key is None:
+            return True
+        if scope["path"] in self._public_paths and scope["method"] in ("GET", "HEAD"):
             return True
         headers = dict(scope["headers"])
         given = headers.get(b"authorization", b"").decode("latin-1")

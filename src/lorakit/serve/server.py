@@ -3,9 +3,10 @@
 Routes: `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`, `POST /v1/completions`,
 `POST /v1/chat/completions` (both stream with ``"stream": true``), `POST /v1/classifications`
 (sequence-classification bases), and adapter management: `GET`/`POST /v1/adapters`,
-`DELETE /v1/adapters/{name}`. With an API key every route needs
-``Authorization: Bearer KEY``; without one, the management routes are refused (403). Errors
-are OpenAI's JSON error object (`http_errors`), and the server keeps serving after any.
+`DELETE /v1/adapters/{name}`, and `GET /`, the playground page (`playground`). With an API key
+every route but the page's needs ``Authorization: Bearer KEY``; without one, the management
+routes are refused (403). Errors are OpenAI's JSON error object (`http_errors`), and the
+server keeps serving after any.
 
 The server keeps no state a second replica lacks: the engine and the adapters root (which may
 be shared storage) are all, so replicas behind a load balancer, or a Ray Serve deployment
@@ -39,6 +40,7 @@ from .openai_api import (
     parse_completion,
     parse_json,
 )
+from .playground import mount_playground
 from .types import BASE_ADAPTER
 
 PURPOSE = "lorakit serve"
@@ -119,11 +121,13 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
     )
     for path, method, endpoint in table:
         app.add_route(path, endpoint, methods=[method])
+    page_paths = mount_playground(app)  # GET /: the playground page, loads without a key
     app.add_middleware(
         ApiKeyGate,
         api_key=options.api_key,
         metrics=routes.metrics,
-        route_paths=frozenset(path for path, _, _ in table),
+        route_paths=frozenset(path for path, _, _ in table) | page_paths,
+        public_paths=page_paths,
     )
     return app
 
