@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from ..errors import LorakitError
 from .demo import add_demo_parser, run_demo
+from .export import add_export_parser, run_export
 from .formatting import HelpFormatter
 from .inspect_model import add_inspect_parser, run_inspect
 from .merge import add_merge_parser, run_merge
@@ -22,6 +23,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "merge": run_merge,
     "inspect": run_inspect,
     "serve": run_serve,
+    "export": run_export,
 }
 # Example command lines of each command, shown by its --help (a test parses every one).
 EXAMPLES: dict[str, tuple[str, ...]] = {
@@ -38,6 +40,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "lorakit serve --base ./my-model --adapter sql=./sql --adapter chat=./chat",
         "lorakit serve --base ./my-model --adapters-root ./adapters --api-key KEY",
     ),
+    "export": ("lorakit export --to openvino run/adapter adapter-openvino",),
 }
 MORE_HELP = "'lorakit COMMAND --help' shows a command's options and examples."
 
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_parser(commands)
     add_inspect_parser(commands)
     add_serve_parser(commands)
+    add_export_parser(commands)
     for name, command in commands.choices.items():
         command.formatter_class = HelpFormatter
         command.epilog = examples_text(EXAMPLES[name])
