@@ -3,7 +3,8 @@
 Debian's chromium (installed by `bash .ci/system-deps.sh`) is driven by Playwright; nothing is
 downloaded. What the page shows is compared with the server's own answers to the same requests
 made with httpx: greedy text for an adapter, for a blend set with the sliders and for the base
-(all sliders at zero), and the server's JSON error messages (401, 400).
+(all sliders at zero), the server's JSON error messages (401, 400), and a classifier's label
+and scores.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from serve import test_server_limits
 from serve.test_server_http import API_KEY, MAX_TOKENS, PROMPT, ServerProcess
 
 httpx = pytest.importorskip("httpx")
@@ -36,6 +38,11 @@ PAGE_FILES = {
 }
 ENDED = '#status:is([data-state="done"], [data-state="error"], [data-state="stopped"])'
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SHOWN_SCORE_TOL = 5e-5  # the page shows scores with 4 decimals
+
+# The tiny BERT classifier and its adapter, and the in-process server, of the limits tests.
+classifier_folders = test_server_limits.classifier_folders
+serving = test_server_limits.serving
 
 
 def _chromium() -> str:
@@ -211,3 +218,41 @@ def test_the_screenshot_script_saves_the_page_at_the_streams_end(
     assert header[:8] == PNG_SIGNATURE
     width, height = struct.unpack(">II", header[16:24])  # the IHDR chunk
     assert width == 1000 and height >= 720  # the script's viewport; the full page may be taller
+
+
+def test_a_classifier_base_shows_label_and_scores(
+    browser: Any, classifier_folders: tuple[Path, Path]
+) -> None:
+    from lorakit.serve import Engine
+
+    base, adapter = classifier_folders
+    engine = Engine.from_pretrained(base)
+    engine.load_adapter("sentiment", adapter)
+    text = "thank you very much"
+    with serving(engine) as url:  # no API key: the page connects at once
+        expected = httpx.post(
+            url + "/v1/classifications", json={"model": "sentiment", "input": text}, timeout=60
+        ).json()["data"][0]
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            page.set_default_timeout(STREAM_TIMEOUT_MS)
+            page.goto(url + "/")
+            page.locator("#classification-form").wait_for(state="visible")
+            assert page.locator("#key-section").is_hidden()
+            assert page.locator("#completion-form").is_hidden()
+            assert page.locator("#mode-blend").is_disabled()  # the route takes one adapter
+            assert "POST /v1/classifications" in page.locator("#classification-form").inner_text()
+            page.locator("#model").select_option("sentiment")
+            page.locator("#text").fill(text)
+            page.locator("#classify").click()
+            page.locator("#label:not(:empty)").wait_for()
+            assert page.locator("#label").text_content() == expected["label"]
+            rows = page.locator("#scores tbody tr").all()
+            shown = {row.locator("td").nth(0).inner_text(): row for row in rows}
+            assert set(shown) == set(expected["scores"])
+            for label, score in expected["scores"].items():
+                cell = shown[label].locator("td").nth(1).inner_text()
+                assert float(cell) == pytest.approx(score, abs=SHOWN_SCORE_TOL)
+        finally:
+            context.close()
