@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import json
 import math
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -34,6 +35,7 @@ PURPOSE = "lorakit.serve.loadgen"
 COMPLETIONS_ROUTE = "/v1/completions"
 STREAM_PREFIX = "data: "
 STREAM_END = "[DONE]"
+HEALTH_POLL_S = 0.2
 MAX_LISTED_FAILURES = 10  # failures named in LoadTestError's message (all are in the report)
 
 
@@ -273,6 +275,49 @@ async def run_load(
 
         await asyncio.gather(*(client_loop(client) for client in range(clients)))
     return LoadReport.from_answers(answers, clients, time.perf_counter() - start)
+
+
+def wait_until_ready(
+    url: str,
+    timeout_s: float = 300.0,
+    api_key: str | None = None,
+    process: subprocess.Popen[Any] | None = None,
+) -> None:
+    """Poll ``GET /health`` until it answers 200 (a server starting up takes seconds).
+
+    Args:
+        url: The server's root.
+        timeout_s: Seconds to wait at most.
+        api_key: Sent as ``Authorization: Bearer KEY`` when given (the server's key covers
+            /health too).
+        process: The server's process, if this program started it: its exit ends the wait.
+
+    Raises:
+        LoadTestError: The server is not ready in time, answers /health with another status
+            than 200 or 503, or its process exited.
+    """
+    httpx = import_optional("httpx", "serve", PURPOSE)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise LoadTestError(
+                f"the server process exited with status {process.returncode} before it was "
+                "ready: see its output"
+            )
+        try:
+            status = httpx.get(url.rstrip("/") + "/health", headers=headers, timeout=5).status_code
+        except httpx.TransportError:
+            status = None
+        if status == 200:
+            return
+        if status not in (None, 503):
+            raise LoadTestError(
+                f"GET {url}/health answered {status}; a 401 means the server needs api_key"
+            )
+        time.sleep(HEALTH_POLL_S)
+    raise LoadTestError(f"the server at {url} was not ready after {timeout_s} s (last: {status})")
 
 
 def run_load_sync(url: str, mix: Sequence[LoadRequest], **options: Any) -> LoadReport:
