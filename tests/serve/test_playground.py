@@ -28,13 +28,15 @@ httpx = pytest.importorskip("httpx")
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT_SCRIPT = ROOT / "scripts" / "screenshot_playground.py"
+STATIC = ROOT / "src" / "lorakit" / "serve" / "static"  # every file there is served
 STREAM_TIMEOUT_MS = 120_000  # two busy cores
 TOKENS = 12
 BLEND = {"sql": 0.7, "polite": 0.5}
+# URL path -> (file in STATIC, Content-Type)
 PAGE_FILES = {
-    "/": "text/html",
-    "/playground/playground.js": "text/javascript",
-    "/playground/playground.css": "text/css",
+    "/": ("index.html", "text/html"),
+    "/playground/playground.js": ("playground.js", "text/javascript"),
+    "/playground/playground.css": ("playground.css", "text/css"),
 }
 ENDED = '#status:is([data-state="done"], [data-state="error"], [data-state="stopped"])'
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -105,13 +107,16 @@ def _generate(page: Any) -> str:
 
 
 def test_the_page_loads_without_a_key_and_the_api_still_needs_it(server: Any) -> None:
-    for path, media_type in PAGE_FILES.items():
+    for path, (name, media_type) in PAGE_FILES.items():
         answer = httpx.get(server.url + path, timeout=60)
         assert answer.status_code == 200, path
+        assert answer.content == (STATIC / name).read_bytes()
         assert answer.headers["content-type"].startswith(media_type)
         assert "default-src 'self'" in answer.headers["content-security-policy"]
+    assert httpx.head(server.url + "/", timeout=60).status_code == 200
     page = httpx.get(server.url + "/", timeout=60).text
     assert '<script src="/playground/playground.js"' in page
+    assert {path.name for path in STATIC.iterdir()} == {name for name, _ in PAGE_FILES.values()}
     for path in ["/v1/models", "/health", "/playground/other.js", "/playground/"]:
         assert httpx.get(server.url + path, timeout=60).status_code == 401, path
     refused = httpx.post(server.url + "/", json={}, timeout=60)  # only GET and HEAD are open
