@@ -30,6 +30,22 @@ def route_label(path: str, route_paths: frozenset[str]) -> str:
     return template if template in route_paths else "unmatched"
 
 
+def is_authorized(scope: dict[str, Any], api_key: str | None, public_paths: frozenset[str]) -> bool:
+    """Whether an HTTP request may pass the API key check.
+
+    It may when no key is set, when it fetches a public path (GET or HEAD), or when it sends
+    ``Authorization: Bearer <api_key>`` (compared in constant time). The Ray Serve app's
+    ingress checks with it too.
+    """
+    if api_key is None:
+        return True
+    if scope["path"] in public_paths and scope["method"] in ("GET", "HEAD"):
+        return True
+    headers = dict(scope["headers"])
+    given = headers.get(b"authorization", b"").decode("latin-1")
+    return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+
+
 class ApiKeyGate:
     """ASGI wrapper: checks the API key on every HTTP request and counts answers by route.
 
@@ -71,22 +87,17 @@ class ApiKeyGate:
             self._metrics.count(route_label(scope["path"], self._route_paths), status["code"])
 
     def _is_authorized(self, scope: dict[str, Any]) -> bool:
-        if self._api_key is None:
-            return True
-        if scope["path"] in self._public_paths and scope["method"] in ("GET", "HEAD"):
-            return True
-        headers = dict(scope["headers"])
-        given = headers.get(b"authorization", b"").decode("latin-1")
-        expected = f"Bearer {self._api_key}"
-        return hmac.compare_digest(given.encode(), expected.encode())
+        return is_authorized(scope, self._api_key, self._public_paths)
 
     async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        responses = import_optional("starlette.responses", "serve", PURPOSE)
-        body = error_body(
-            "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-            "authentication_error",
-        )
-        response = responses.JSONResponse(
-            body, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-        )
-        await response(scope, receive, send)
+        await unauthorized_response()(scope, receive, send)
+
+
+def unauthorized_response() -> Any:
+    """The 401 answer to a request without the right key (a Starlette response)."""
+    responses = import_optional("starlette.responses", "serve", PURPOSE)
+    body = error_body(
+        "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+        "authentication_error",
+    )
+    return responses.JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
