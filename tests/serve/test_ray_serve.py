@@ -133,8 +133,8 @@ def ray_url(served_folders: Any) -> Iterator[str]:
                 "max_batch_size": "4",
             }
         )
-        serve.run(app, name="lorakit", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        serve.run(app, name="lorakit", route_prefix="/lorakit")  # the app strips the prefix
+        yield f"http://127.0.0.1:{port}/lorakit"
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -234,8 +234,8 @@ def ingress_app(replicas: Any, options: RayAppOptions) -> Any:
     page_paths = frozenset(file.url_path for file in playground_files())  # public, as in serve
 
     async def endpoint(request: Any) -> Any:
-        path = request.url.path
-        if not is_authorized(request.scope, options.api_key, page_paths):
+        path = _route_path(request.scope)
+        if not is_authorized({**request.scope, "path": path}, options.api_key, page_paths):
             return unauthorized_response()
         refused = next((why for p, why in NOT_SERVED.items() if path.startswith(p)), None)
         if refused is not None:
@@ -278,6 +278,14 @@ def ingress_app(replicas: Any, options: RayAppOptions) -> Any:
 
     route = routing.Route("/{path:path}", endpoint, methods=METHODS)
     return applications.Starlette(routes=[route], exception_handlers={Exception: on_error})
+
+
+def _route_path(scope: dict[str, Any]) -> str:
+    """The path below the app's route prefix (``serve run --route-prefix``)."""
+    path, prefix = str(scope["path"]), str(scope.get("root_path", ""))
+    if prefix and path.startswith(prefix):
+        return path[len(prefix) :] or "/"
+    return path
 
 
 async def _body_chunks(answer: Any) -> AsyncIterator[bytes]:
