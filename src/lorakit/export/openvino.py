@@ -40,6 +40,12 @@ READABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Task types whose adapters OpenVINO GenAI's LLM and VLM pipelines apply (tensor names under
 # `base_model.model.`); None: a config written without one.
 TASK_TYPES: tuple[str | None, ...] = (None, "CAUSAL_LM")
+# Tensors of PEFT features OpenVINO GenAI skips: key marker -> what the tensor is.
+SKIPPED_TENSORS = (
+    (".lora_embedding_", "LoRA on an embedding layer"),
+    (".lora_magnitude_vector", "a DoRA magnitude vector"),
+    (".trainable_tokens_delta", "trained token rows"),
+)
 # adapter_config.json options whose non-default values OpenVINO GenAI would not apply:
 # option -> (values that change nothing, what the adapter would lose).
 UNEXPORTABLE_OPTIONS: dict[str, tuple[tuple[object, ...], str]] = {
@@ -75,20 +81,32 @@ def _refuse_options(config: Mapping[str, Any], source: Path) -> None:
         )
 
 
+def _what_is(key: str, tensor: torch.Tensor) -> str | None:
+    """What a tensor that is no Linear layer's LoRA factor is; None for a factor."""
+    for marker, what in SKIPPED_TENSORS:
+        if marker in key:
+            return what
+    if tensor.dim() > 2:
+        return "LoRA on a convolution"
+    if not key.startswith(MODEL_KEY_PREFIX) or not key.endswith(FACTOR_SUFFIXES):
+        return "a saved module's or bias's weights, not a LoRA factor"
+    return None
+
+
 def _factor_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
     """Module path -> (A key, B key); any other tensor, or a lone factor, is refused by name."""
+    problems = {key: what for key, t in tensors.items() if (what := _what_is(key, t))}
+    if problems:  # a feature's own tensor first (an embedding's LoRA, not its saved weight)
+        key = min(problems, key=lambda k: not any(m in k for m, _ in SKIPPED_TENSORS))
+        raise ExportError(
+            f"The adapter file holds {key!r} (shape {tuple(tensors[key].shape)}): "
+            f"{problems[key]}. OpenVINO GenAI applies the LoRA factors of Linear layers only "
+            "and would skip it. Fix: merge the adapter into its base with `lorakit merge` and "
+            "export the merged model with optimum-intel."
+        )
     pairs: dict[str, list[str | None]] = {}
-    for key, tensor in tensors.items():
-        suffix = next((s for s in FACTOR_SUFFIXES if key.endswith(s)), None)
-        if suffix is None or not key.startswith(MODEL_KEY_PREFIX) or tensor.dim() != 2:
-            what = "a convolution's LoRA factor" if tensor.dim() > 2 else "not a LoRA factor"
-            raise ExportError(
-                f"The adapter file holds {key!r} (shape {tuple(tensor.shape)}), {what} of a "
-                "Linear layer; OpenVINO GenAI applies LoRA A and B of Linear layers only and "
-                "would skip it (LoRA on embeddings and convolutions, DoRA magnitudes and "
-                "saved modules are not applied). Fix: merge the adapter into its base with "
-                "`lorakit merge` and export the merged model with optimum-intel."
-            )
+    for key in tensors:
+        suffix = next(s for s in FACTOR_SUFFIXES if key.endswith(s))
         path = key[len(MODEL_KEY_PREFIX) : -len(suffix)]
         pair = pairs.setdefault(path, [None, None])
         pair[FACTOR_SUFFIXES.index(suffix)] = key
