@@ -2,7 +2,7 @@
 
 A tiny Llama and its tokenizer are exported to OpenVINO IR by optimum-intel's `optimum-cli`
 (run from its own virtualenv, .venv-optimum/, which `bash .ci/system-deps.sh` builds), once per
-session, while three adapters with different scales (rank and alpha patterns, rsLoRA, plain)
+test run, while three adapters with different scales (rank and alpha patterns, rsLoRA, plain)
 are made and exported: the patterned one by `lorakit export --to openvino` in a subprocess, the
 others by `lorakit.export.to_openvino`. One pipeline has them all, exported and original,
 registered; each test picks adapters and alphas per call.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ NEW_TOKENS = 12
 # OpenVINO's CPU defaults on CPUs with bf16 support (bf16 compute, u8 KV cache) are not the
 # float32 model lorakit runs; greedy tokens of a random tiny model diverge under them.
 FLOAT32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+BUILT = "built"  # marker file: the shared folder is complete
 SUBPROCESS_TIMEOUT = 300  # seconds: optimum-cli's export traces the model on a loaded machine
 # name -> (r, lora_alpha, LoraConfig options): scales far from 1, different per adapter.
 ADAPTERS: dict[str, tuple[int, float, dict[str, Any]]] = {
@@ -106,16 +108,8 @@ def _save_adapter(base: Path, name: str, folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-@pytest.fixture(scope="session")
-def openvino_setup(tmp_path_factory: pytest.TempPathFactory) -> OpenVinoSetup:
-    if not OPTIMUM_CLI.is_file():
-        pytest.fail(
-            f"{OPTIMUM_CLI} is missing: optimum-intel, which exports the test model to "
-            "OpenVINO IR, lives in its own virtualenv. Fix: run `bash .ci/system-deps.sh`."
-        )
-    import openvino_genai
-
-    root = tmp_path_factory.mktemp("openvino")
+def _build(root: Path) -> None:
+    """The base, its IR and the adapters, original and exported, under `root`."""
     base, ir = root / "base", root / "base-openvino"
     _save_base(base)
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -124,26 +118,47 @@ def openvino_setup(tmp_path_factory: pytest.TempPathFactory) -> OpenVinoSetup:
          "text-generation-with-past", "--weight-format", "fp32", str(ir)],
         env=env,
     )  # fmt: skip
-    originals = {name: root / name for name in ADAPTERS}
-    exported = {name: root / f"{name}-openvino" for name in ADAPTERS}
     for name in ADAPTERS:
-        _save_adapter(base, name, originals[name])
+        _save_adapter(base, name, root / name)
     # The patterned adapter goes through the command line, the others through the function.
     exporting_sql = _start(
         [sys.executable, "-m", "lorakit", "export", "--to", "openvino",
-         str(originals["sql"]), str(exported["sql"])]
+         str(root / "sql"), str(root / "sql-openvino")]
     )  # fmt: skip
     for name in ADAPTERS.keys() - {"sql"}:
-        to_openvino(originals[name], exported[name])
+        to_openvino(root / name, root / f"{name}-openvino")
     _wait(exporting_sql)
     _wait(exporting_base)
+
+
+@pytest.fixture(scope="session")
+def openvino_setup(tmp_path_factory: pytest.TempPathFactory) -> OpenVinoSetup:
+    """Built once per test run: xdist workers share the folder (the first one builds it)."""
+    if not OPTIMUM_CLI.is_file():
+        pytest.fail(
+            f"{OPTIMUM_CLI} is missing: optimum-intel, which exports the test model to "
+            "OpenVINO IR, lives in its own virtualenv. Fix: run `bash .ci/system-deps.sh`."
+        )
+    import openvino_genai
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / "openvino-export"
+    with FileLock(f"{root}.lock"):
+        if not (root / BUILT).is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
+            root.mkdir()
+            _build(root)
+            (root / BUILT).touch()
+    originals = {name: root / name for name in ADAPTERS}
+    exported = {name: root / f"{name}-openvino" for name in ADAPTERS}
     adapters = {}
     for name in ADAPTERS:
         for label, folder in ((name, originals[name]), (f"{name}-openvino", exported[name])):
             adapters[label] = openvino_genai.Adapter(str(folder / "adapter_model.safetensors"))
     every = openvino_genai.AdapterConfig(list(adapters.values()))
+    ir = root / "base-openvino"
     pipeline = openvino_genai.LLMPipeline(str(ir), "CPU", adapters=every, **FLOAT32)
-    return OpenVinoSetup(base, ir, originals, exported, pipeline, adapters)
+    return OpenVinoSetup(root / "base", ir, originals, exported, pipeline, adapters)
 
 
 def _openvino_tokens(setup: OpenVinoSetup, alphas: Mapping[str, float]) -> list[int]:
