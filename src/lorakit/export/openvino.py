@@ -59,7 +59,10 @@ UNEXPORTABLE_OPTIONS: dict[str, tuple[tuple[object, ...], str]] = {
     "alora_invocation_tokens": ((None, []), "aLoRA's activation on its invocation tokens"),
     "arrow_config": ((None,), "Arrow's routing between adapters"),
     "use_qalora": ((False, None), "QALoRA's pooled inputs"),
-    "fan_in_fan_out": ((False, None), "the layout of transformers Conv1D weights (GPT-2)"),
+}
+# Options OpenVINO GenAI may run but this export is not checked against: option -> allowed.
+UNCHECKED_OPTIONS: dict[str, tuple[object, ...]] = {
+    "fan_in_fan_out": (False, None),  # transformers Conv1D layers (GPT-2)
 }
 
 
@@ -70,6 +73,15 @@ def _refuse_options(config: Mapping[str, Any], source: Path) -> None:
                 f"Adapter {source} sets {option}={config[option]!r}; OpenVINO GenAI applies "
                 f"only plain LoRA factors, so {lost} would be dropped. Fix: merge the adapter "
                 "into its base with `lorakit merge` and export the merged model with "
+                "optimum-intel instead."
+            )
+    for option, allowed in UNCHECKED_OPTIONS.items():
+        if config.get(option) not in allowed:
+            raise ExportError(
+                f"Adapter {source} sets {option}={config[option]!r} (transformers Conv1D "
+                "layers, as in GPT-2): `lorakit export` is tested against OpenVINO GenAI on "
+                "Linear layers only, so it does not export this adapter. Fix: merge the "
+                "adapter into its base with `lorakit merge` and export the merged model with "
                 "optimum-intel instead."
             )
     if config.get("task_type") not in TASK_TYPES:
