@@ -145,7 +145,7 @@ def test_a_second_export_replaces_the_first_as_a_whole(tmp_path: Path) -> None:
         ({"use_dora": True}, "use_dora=True.*DoRA's magnitude vectors"),
         ({"lora_bias": True}, "lora_bias=True"),
         ({"bias": "all"}, "bias='all'.*biases"),
-        ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\].*saved whole"),
+        ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\].*saved whole.*tested"),
         ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
         ({"target_parameters": ["experts.gate_up_proj"]}, "target_parameters"),
         ({"layer_replication": [[0, 2]]}, "layer_replication"),

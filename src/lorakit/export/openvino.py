@@ -52,7 +52,6 @@ UNEXPORTABLE_OPTIONS: dict[str, tuple[tuple[object, ...], str]] = {
     "use_dora": ((False, None), "DoRA's magnitude vectors"),
     "lora_bias": ((False, None), "the bias of lora_B"),
     "bias": (("none", None), "the trained biases of the base layers"),
-    "modules_to_save": ((None, []), "the modules saved whole"),
     "trainable_token_indices": ((None, [], {}), "the trained token rows"),
     "target_parameters": ((None, []), "LoRA on parameters (e.g. MoE experts)"),
     "layer_replication": ((None, []), "the replicated layers"),
@@ -60,9 +59,15 @@ UNEXPORTABLE_OPTIONS: dict[str, tuple[tuple[object, ...], str]] = {
     "arrow_config": ((None,), "Arrow's routing between adapters"),
     "use_qalora": ((False, None), "QALoRA's pooled inputs"),
 }
-# Options OpenVINO GenAI may run but this export is not checked against: option -> allowed.
-UNCHECKED_OPTIONS: dict[str, tuple[object, ...]] = {
-    "fan_in_fan_out": (False, None),  # transformers Conv1D layers (GPT-2)
+# Options OpenVINO GenAI may run in part, but this export is not tested with:
+# option -> (values that change nothing, what the adapter holds).
+UNCHECKED_OPTIONS: dict[str, tuple[tuple[object, ...], str]] = {
+    "fan_in_fan_out": ((False, None), "transformers Conv1D layers (as in GPT-2)"),
+    "modules_to_save": (
+        (None, []),
+        "modules saved whole (OpenVINO GenAI swaps in saved lm_head and embed_tokens weights "
+        "only; other saved modules would be dropped)",
+    ),
 }
 
 
@@ -75,11 +80,11 @@ def _refuse_options(config: Mapping[str, Any], source: Path) -> None:
                 "into its base with `lorakit merge` and export the merged model with "
                 "optimum-intel instead."
             )
-    for option, allowed in UNCHECKED_OPTIONS.items():
+    for option, (allowed, holds) in UNCHECKED_OPTIONS.items():
         if config.get(option) not in allowed:
             raise ExportError(
-                f"Adapter {source} sets {option}={config[option]!r} (transformers Conv1D "
-                "layers, as in GPT-2): `lorakit export` is tested against OpenVINO GenAI on "
+                f"Adapter {source} sets {option}={config[option]!r}: it holds {holds}. "
+                "`lorakit export` is tested against OpenVINO GenAI on the LoRA factors of "
                 "Linear layers only, so it does not export this adapter. Fix: merge the "
                 "adapter into its base with `lorakit merge` and export the merged model with "
                 "optimum-intel instead."
