@@ -193,8 +193,9 @@ def test_a_folder_export_did_not_write_is_never_replaced(tmp_path: Path) -> None
     with pytest.raises(ExportError, match=f"not a folder `lorakit export` wrote.*{EXPORT_NOTE}"):
         to_openvino(source, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-    with pytest.raises(ExportError, match="is the adapter folder"):
-        to_openvino(source, source)
+    for out in (source, source / "inside", tmp_path):
+        with pytest.raises(ExportError, match=r"is the adapter folder.*inside it or holds it"):
+            to_openvino(source, out)
 
 
 def test_cli_refusal_is_one_message_and_exit_status_2(

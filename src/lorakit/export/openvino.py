@@ -198,10 +198,12 @@ def unit_scale_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_target(source: Path, out: Path) -> None:
-    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+    """Refuses an `out` whose replacement would delete the adapter or a folder of the user's."""
+    inside, outside = source.resolve(), out.resolve()
+    if outside == inside or inside in outside.parents or outside in inside.parents:
         raise ExportError(
-            f"The export folder {out} is the adapter folder {source} or inside it. Fix: pass "
-            "another folder."
+            f"The export folder {out} is the adapter folder {source}, inside it or holds it. "
+            "Fix: pass a folder apart from the adapter's."
         )
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file, not a folder. Fix: pass another path.")
