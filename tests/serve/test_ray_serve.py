@@ -22,6 +22,7 @@ from lorakit.serve.ray_app import RayAppOptions
 from lorakit.serve.ray_replica import (
     ADAPTERS_HEADER,
     REPLICA_HEADER,
+    STATS_HEADER,
     AdapterLeases,
     adapter_names,
     model_id_of,
@@ -31,6 +32,8 @@ API_KEY = "ray-key"
 PROMPT = "the cat sat"
 BLEND = {"sql": 0.7, "polite": 0.5}
 WARM_UP_ROUNDS = 30  # requests per adapter at most before each settles on one replica
+LONG_TOKENS = 4000  # a stream cut after a few tokens: far from done when its client leaves
+PROBES = 400  # short requests at most until the cut stream has left its replica's batch
 
 
 def _body(**fields: Any) -> bytes:
@@ -131,6 +134,7 @@ def ray_url(served_folders: Any) -> Iterator[str]:
                 "cpus_per_replica": "1",
                 "api_key": API_KEY,
                 "max_batch_size": "4",
+                "max_tokens": str(LONG_TOKENS),
             }
         )
         serve.run(app, name="lorakit", route_prefix="/lorakit")  # the app strips the prefix
@@ -174,6 +178,11 @@ def test_adapter_requests_land_on_the_replica_that_holds_the_adapter(http: Any) 
     for _ in range(4):
         for adapter, replica in holders.items():
             assert _replica(_complete(http, adapter, 2)) == (replica, adapter)
+    # A blend is a third id: its replica evicts what it held and loads both adapters. The
+    # next requests evict again, and each eviction unloads what no id and no request uses.
+    assert _replica(_complete(http, "base", 2, lorakit={"blend": BLEND}))[1] == "polite,sql"
+    for adapter in ("sql", "polite", "sql"):
+        assert _replica(_complete(http, adapter, 2))[1] == adapter
 
 
 def test_greedy_answers_equal_the_engine_in_this_process(http: Any, served_folders: Any) -> None:
@@ -225,3 +234,28 @@ def test_routes_the_app_refuses_or_answers_itself(http: Any, ray_url: str) -> No
     keyless = httpx.post(ray_url + "/v1/completions", json={"model": "sql", "prompt": PROMPT})
     assert keyless.status_code == 401
     assert keyless.json()["error"]["type"] == "authentication_error"
+
+
+def test_a_client_that_leaves_mid_stream_ends_its_request_on_the_replica(http: Any) -> None:
+    body = {"model": "polite", "prompt": PROMPT, "max_tokens": LONG_TOKENS, "temperature": 0}
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as streamed:
+        replica = streamed.headers[REPLICA_HEADER]
+        lines = (line for line in streamed.iter_lines() if line.startswith("data: "))
+        assert [next(lines) for _ in range(3)]  # three tokens arrived; then the client leaves
+    for _ in range(PROBES):  # short requests for the same adapter, until nothing else runs
+        probe = _complete(http, "polite", 1)
+        stats = json.loads(probe.headers[STATS_HEADER])
+        if probe.headers[REPLICA_HEADER] == replica and stats["running"] == 0:
+            break
+    else:
+        pytest.fail(f"the cut stream still runs on replica {replica}: {stats}")
+    # Nothing runs there now: the next probe it answers adds exactly its own 2 tokens, and the
+    # cut stream generated far fewer than it asked for (it left the batch when cancelled).
+    after = next(
+        answer
+        for answer in (_complete(http, "polite", 2) for _ in range(PROBES))
+        if answer.headers[REPLICA_HEADER] == replica
+    )
+    total = json.loads(after.headers[STATS_HEADER])["tokens_generated_total"]
+    assert total == stats["tokens_generated_total"] + 2
+    assert total < LONG_TOKENS

@@ -21,8 +21,9 @@ Routes are the server's (`/v1/completions`, `/v1/chat/completions` with streamin
 adapter folder of the root (what the app can serve, loaded or not); adapter management
 (`/v1/adapters`) and `/metrics` are refused (404), since adapters load on demand and one
 replica's numbers would not be the app's (Ray Serve exports its own metrics). Each forwarded
-answer carries the headers ``x-lorakit-replica`` (the replica's id) and
-``x-lorakit-replica-adapters`` (the adapters it held when it answered).
+answer carries the headers ``x-lorakit-replica`` (the replica's id),
+``x-lorakit-replica-adapters`` (the adapters it held when it answered) and
+``x-lorakit-replica-stats`` (its engine's counters, JSON).
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ PURPOSE = "lorakit's Ray Serve app"
 BLEND_SEPARATOR = "+"  # not allowed in adapter names, so a blend's id names no adapter
 REPLICA_HEADER = "x-lorakit-replica"
 ADAPTERS_HEADER = "x-lorakit-replica-adapters"
+STATS_HEADER = "x-lorakit-replica-stats"
+STATS_SHOWN = ("running", "queue_depth", "requests_total", "tokens_generated_total")
 
 
 @dataclass(frozen=True)
@@ -230,10 +232,14 @@ class EngineReplica:
             await asyncio.shield(self._leases.release(names))
 
     def _identity(self) -> list[tuple[bytes, bytes]]:
+        """Which replica answers, the adapters it holds and its engine's counters, as headers."""
         adapters = ",".join(sorted(self._engine.adapters()))
+        stats = self._engine.stats()
+        shown = json.dumps({key: stats[key] for key in STATS_SHOWN}, separators=(",", ":"))
         return [
             (REPLICA_HEADER.encode(), self.replica_id.encode()),
             (ADAPTERS_HEADER.encode(), adapters.encode()),
+            (STATS_HEADER.encode(), shown.encode()),
         ]
 
     def __del__(self) -> None:  # Ray Serve calls it when the replica shuts down
