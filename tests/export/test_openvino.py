@@ -252,11 +252,14 @@ def test_deploy_doc_openvino_example_runs_on_the_exported_files(
 ) -> None:
     """docs/deploy.md's OpenVINO block runs here, in a folder holding the paths it names.
 
-    It is fenced `python openvino`: tests/test_docs.py runs the other blocks with a MiniLM
-    classifier, which cannot feed an LLMPipeline. Its greedy answer must be lorakit's blend on
+    It is fenced `python title=openvino_blend.py` (as serving.md's examples, run by their own
+    tests): tests/test_docs.py runs plain `python` blocks with a MiniLM classifier, which cannot
+    feed an LLMPipeline. Its greedy answer must be lorakit's blend on
     the prompt as the pipeline tokenizes it (chat template applied), decoded alike.
     """
-    blocks = re.findall(r"```python openvino\n(.*?)```", DEPLOY_DOC.read_text(), re.DOTALL)
+    blocks = re.findall(
+        r"```python title=openvino_blend.py\n(.*?)```", DEPLOY_DOC.read_text(), re.DOTALL
+    )
     assert len(blocks) == 1
     for link, target in {
         "my-model-openvino": openvino_setup.ir,
