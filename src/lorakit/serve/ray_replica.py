@@ -296,8 +296,18 @@ async def run_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[Respons
         while (message := await messages.get()) is not None:
             if message["type"] == "http.response.start":
                 yield ResponseStart(message["status"], list(message.get("headers", [])))
-            elif message["type"] == "http.response.body" and message.get("body"):
-                yield bytes(message["body"])
+                continue
+            # Body parts that are waiting already go as one item: under load, one Ray
+            # round trip carries several tokens instead of one each (no wait is added).
+            body, is_last = bytearray(message.get("body", b"")), False
+            while not is_last and not messages.empty():
+                waiting = messages.get_nowait()
+                is_last = waiting is None
+                body += b"" if waiting is None else waiting.get("body", b"")
+            if body:
+                yield bytes(body)
+            if is_last:
+                return
     finally:
         if not task.done():
             task.cancel()
