@@ -133,7 +133,7 @@ def _build(root: Path) -> None:
 
 @pytest.fixture(scope="session")
 def openvino_setup(tmp_path_factory: pytest.TempPathFactory) -> OpenVinoSetup:
-    """Built once per test run: xdist workers share the folder (the first one builds it)."""
+    """Built once per test run: xdist workers share the run's folder (the first one builds it)."""
     if not OPTIMUM_CLI.is_file():
         pytest.fail(
             f"{OPTIMUM_CLI} is missing: optimum-intel, which exports the test model to "
@@ -142,7 +142,10 @@ def openvino_setup(tmp_path_factory: pytest.TempPathFactory) -> OpenVinoSetup:
     import openvino_genai
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp().parent / "openvino-export"
+    basetemp = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:  # a worker's basetemp is in the run's own folder
+        basetemp = basetemp.parent
+    root = basetemp / "openvino-export"
     with FileLock(f"{root}.lock"):
         if not (root / BUILT).is_file():
             shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
