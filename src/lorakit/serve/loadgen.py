@@ -237,6 +237,7 @@ async def run_load(
     duration_s: float = 10.0,
     api_key: str | None = None,
     request_timeout_s: float = 120.0,
+    ramp_up_s: float = 0.0,
 ) -> LoadReport:
     """Load the server at `url` with `clients` concurrent clients for `duration_s` seconds.
 
@@ -248,15 +249,18 @@ async def run_load(
         api_key: Sent as ``Authorization: Bearer KEY`` when given.
         request_timeout_s: A request that takes longer (connecting, or between two chunks)
             is lost.
+        ramp_up_s: Client c starts c / clients * ramp_up_s seconds after the first, so that
+            the requests do not all start, and with equal lengths end, together.
 
     Returns:
         The report (call `LoadReport.check()` to fail on lost or wrong requests).
 
     Raises:
-        LoadSpecError: An empty mix, fewer than one client, or a duration not above 0.
+        LoadSpecError: An empty mix, fewer than one client, a duration or timeout not above
+            0, or a ramp-up below 0 or not shorter than the duration.
         MissingDependencyError: httpx is not installed.
     """
-    _check_options(mix, clients, duration_s, request_timeout_s)
+    _check_options(mix, clients, duration_s, request_timeout_s, ramp_up_s)
     httpx = import_optional("httpx", "serve", PURPOSE)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -269,6 +273,7 @@ async def run_load(
     ) as http:
 
         async def client_loop(client: int) -> None:
+            await asyncio.sleep(client / clients * ramp_up_s)
             while time.perf_counter() < deadline:
                 index = next(turns) % len(mix)
                 answers.append(await _send(http, httpx, client, index, mix[index]))
@@ -320,13 +325,27 @@ def wait_until_ready(
     raise LoadTestError(f"the server at {url} was not ready after {timeout_s} s (last: {status})")
 
 
-def run_load_sync(url: str, mix: Sequence[LoadRequest], **options: Any) -> LoadReport:
-    """`run_load` from synchronous code (its own event loop); same arguments."""
-    return asyncio.run(run_load(url, mix, **options))
+def run_load_sync(
+    url: str,
+    mix: Sequence[LoadRequest],
+    clients: int = 8,
+    duration_s: float = 10.0,
+    api_key: str | None = None,
+    request_timeout_s: float = 120.0,
+    ramp_up_s: float = 0.0,
+) -> LoadReport:
+    """`run_load` from synchronous code (in an event loop of its own); same arguments."""
+    return asyncio.run(
+        run_load(url, mix, clients, duration_s, api_key, request_timeout_s, ramp_up_s)
+    )
 
 
 def _check_options(
-    mix: Sequence[LoadRequest], clients: int, duration_s: float, request_timeout_s: float
+    mix: Sequence[LoadRequest],
+    clients: int,
+    duration_s: float,
+    request_timeout_s: float,
+    ramp_up_s: float,
 ) -> None:
     if not mix:
         raise LoadSpecError("the request mix is empty: give at least one LoadRequest")
@@ -336,6 +355,10 @@ def _check_options(
         raise LoadSpecError(
             f"duration_s and request_timeout_s must be above 0; got {duration_s} and "
             f"{request_timeout_s}"
+        )
+    if not 0 <= ramp_up_s < duration_s:
+        raise LoadSpecError(
+            f"ramp_up_s must be at least 0 and less than duration_s ({duration_s}); got {ramp_up_s}"
         )
 
 
@@ -392,20 +415,21 @@ class _StreamState:
             self.is_done = True
             return
         try:
-            chunk = json.loads(data)
-        except ValueError:
-            self.error = f"not JSON in the stream: {data[:200]!r}"
-            return
+            self._read_chunk(json.loads(data), elapsed_s)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            self.error = f"a malformed chunk in the stream ({error!r}): {data[:200]!r}"
+
+    def _read_chunk(self, chunk: dict[str, Any], elapsed_s: float) -> None:
         if "error" in chunk:
             self.error = f"error event: {chunk['error']}"
             return
-        self.models.add(chunk.get("model"))
+        self.models.add(str(chunk.get("model")))
         for choice in chunk.get("choices", []):
             if self.ttft_s is None:
                 self.ttft_s = elapsed_s
             self.text += choice.get("text") or ""
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
-        if chunk.get("usage"):
+        if chunk.get("usage") is not None:
             self.has_usage = True
             self.completion_tokens = int(chunk["usage"]["completion_tokens"])
 
@@ -454,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load (10)")
     parser.add_argument("--api-key", default=None, help="bearer key, if the server has one")
+    parser.add_argument("--ramp-up", type=float, default=0.0, help="seconds to start all clients")
     args = parser.parse_args(argv)
     report = run_load_sync(
         args.url,
@@ -461,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         clients=args.clients,
         duration_s=args.duration,
         api_key=args.api_key,
+        ramp_up_s=args.ramp_up,
     )
     print(report.summary())
     try:
