@@ -171,6 +171,9 @@ def test_the_command_line_fails_on_swapped_references_and_unknown_adapters(
     assert re.search(r"wrong polite \(mix #1\): got ", err)
     assert re.search(r"lost missing \(mix #2\): HTTP 404: .*sql", err)
     assert "wrong sql" not in err and "lost sql" not in err
+    mix_file.write_text('{"prompt": "the cat", "model": "sql"}\n')
+    assert loadgen.main(argv) == 2
+    assert "mix.jsonl:1 is not a request" in capsys.readouterr().err
 
 
 def test_report_counts_lost_and_wrong_answers_and_refuses_bad_mixes() -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import LoadSpecError, LoadTestError
+from ..errors import LoadSpecError, LoadTestError, LorakitError
 from ..extras import import_optional
 from .types import BASE_ADAPTER
 
@@ -471,7 +471,12 @@ def read_mix(path: Path) -> list[LoadRequest]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lorakit.serve.loadgen``: run a mix file against a server; 1 on any failure."""
+    """``python -m lorakit.serve.loadgen``: run a mix file against a server.
+
+    Returns:
+        0 when every request completed right, 1 when some were lost or wrong, 2 when the mix
+        file or an option cannot be used.
+    """
     parser = argparse.ArgumentParser(prog="python -m lorakit.serve.loadgen", description=__doc__)
     parser.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8000")
     parser.add_argument("--mix", type=Path, required=True, help="JSONL file of requests")
@@ -480,14 +485,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--api-key", default=None, help="bearer key, if the server has one")
     parser.add_argument("--ramp-up", type=float, default=0.0, help="seconds to start all clients")
     args = parser.parse_args(argv)
-    report = run_load_sync(
-        args.url,
-        read_mix(args.mix),
-        clients=args.clients,
-        duration_s=args.duration,
-        api_key=args.api_key,
-        ramp_up_s=args.ramp_up,
-    )
+    try:
+        report = run_load_sync(
+            args.url,
+            read_mix(args.mix),
+            clients=args.clients,
+            duration_s=args.duration,
+            api_key=args.api_key,
+            ramp_up_s=args.ramp_up,
+        )
+    except (LorakitError, OSError) as error:  # a bad mix or option, no httpx, no mix file
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(report.summary())
     try:
         report.check()
