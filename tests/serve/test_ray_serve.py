@@ -34,6 +34,13 @@ BLEND = {"sql": 0.7, "polite": 0.5}
 WARM_UP_ROUNDS = 30  # requests per adapter at most before each settles on one replica
 LONG_TOKENS = 4000  # a stream cut after a few tokens: far from done when its client leaves
 PROBES = 400  # short requests at most until the cut stream has left its replica's batch
+# Ray's router skips a replica that does not report its queue within this deadline (0.1 s by
+# default), and a replica whose engine computes on a busy machine can miss it: routing then
+# falls back to any replica. The routing test checks the preference, not that deadline.
+QUEUE_DEADLINE_ENV = {
+    "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "10",
+    "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "10",
+}
 
 
 def _body(**fields: Any) -> bytes:
@@ -99,6 +106,22 @@ def test_an_adapter_stays_loaded_while_anything_uses_it(served_folders: Any) -> 
     engine.shutdown()
 
 
+def test_the_ingress_takes_as_many_requests_at_once_as_the_replicas(served_folders: Any) -> None:
+    # Ray lets a deployment take 5 requests at a time unless told otherwise: an ingress left
+    # at that would hold every other client back at Ray's proxy, however many replicas run.
+    pytest.importorskip("ray.serve")
+    from lorakit.serve.ray_app import build_app
+
+    folders = {"base": str(served_folders.base), "adapters_root": str(served_folders.adapters_root)}
+    limits = {"replicas": "3", "max_batch_size": "4", "max_queue": "6", "cpus_per_replica": "2"}
+    ingress = build_app({**folders, **limits})._bound_deployment  # Ray's bound application
+    replicas = ingress._replica_config.init_args[0]._bound_deployment
+    assert (ingress.max_ongoing_requests, ingress.num_replicas) == (3 * (4 + 6), 1)
+    assert ingress.ray_actor_options["num_cpus"] == 0
+    assert (replicas.max_ongoing_requests, replicas.num_replicas) == (4 + 6, 3)
+    assert replicas.ray_actor_options["num_cpus"] == 2
+
+
 # The app on a local Ray instance ------------------------------------------------------------
 
 
@@ -116,13 +139,16 @@ def ray_url(served_folders: Any) -> Iterator[str]:
     from lorakit.serve.ray_app import build_app
 
     port = _free_port()
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=80 * 1024 * 1024,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    with pytest.MonkeyPatch.context() as environment:  # Ray's processes inherit it
+        for name, value in QUEUE_DEADLINE_ENV.items():
+            environment.setenv(name, value)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=80 * 1024 * 1024,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app(

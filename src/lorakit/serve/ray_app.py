@@ -198,14 +198,20 @@ def build_app(args: Mapping[str, str]) -> Any:
     """
     options = RayAppOptions.from_args(args)
     serve = import_optional("ray.serve", "ray", PURPOSE)
+    # The engine queues what it cannot batch; past that Ray's router holds requests.
+    per_replica = options.max_batch_size + options.max_queue
     replica = serve.deployment(EngineReplica).options(
         num_replicas=options.replicas,
-        # The engine queues what it cannot batch; past that Ray's router holds requests.
-        max_ongoing_requests=options.max_batch_size + options.max_queue,
+        max_ongoing_requests=per_replica,
         ray_actor_options={"num_cpus": options.cpus_per_replica},
     )
+    # The ingress only relays: it takes what all the replicas can (Ray's default, 5 at a
+    # time, would hold the other clients back at Ray's proxy).
     ingress = serve.deployment(serve.ingress()(RayIngress)).options(
-        name="RayIngress", num_replicas=1, ray_actor_options={"num_cpus": 0}
+        name="RayIngress",
+        num_replicas=1,
+        max_ongoing_requests=options.replicas * per_replica,
+        ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(replica.bind(options), options)
 
