@@ -25,6 +25,8 @@ from lorakit.ops.lora_node import lora_forward
 EXACT = 1e-10
 # float32 against float64: a few ulps of values of order 1 summed over 64 terms.
 FP32 = 1e-5
+# bf16 results of two roundings apart: 2^-7 relative, for values of order 1 to 10.
+BF16 = 5e-2
 
 
 def _factors(
@@ -200,3 +202,54 @@ def test_add_dora_output_rescales_the_base_without_its_bias() -> None:
     # result + (g - 1) on_dropped + g lora_out = [2 + 1 + 1, 5 + 2 + 0.75]
     got = add_dora_output(result, bias, lora_out, g, on_dropped)
     assert torch.equal(got, torch.tensor([[4.0, 7.75]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dora_node_backward_twice_on_a_retained_graph_gives_the_same_gradients(p: float) -> None:
+    # Backward reuses buffers in place; the tensors saved for it must stay untouched.
+    W, A, B = _factors(6, 5, 2)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    m = (torch.rand(6, generator=generator, dtype=torch.float64) + 0.5).requires_grad_()
+    A.requires_grad_()
+    B.requires_grad_()
+    n = weight_norm(row_norm_sq(W), weight_times_at(W, A.detach()), A.detach(), B.detach(), 0.5)
+    y = _dora_layer(x, W, None, (A, B, m), n, 0.5, p=p)
+    grad = torch.randn(y.shape, generator=generator, dtype=torch.float64)
+    first = torch.autograd.grad(y, (x, A, B, m), grad, retain_graph=True)
+    second = torch.autograd.grad(y, (x, A, B, m), grad)
+    for name, g_first, g_second in zip(["x", "A", "B", "m"], first, second, strict=True):
+        assert torch.equal(g_first, g_second), name
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dora_node_keeps_one_tokens_by_out_tensor_for_backward(p: float) -> None:
+    # t (N, out) for m's gradient is the only full-size output tensor the node keeps.
+    W, A, B = _factors(7, 5, 2)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    m = (torch.rand(7, dtype=torch.float64) + 0.5).requires_grad_()
+    n = weight_norm(row_norm_sq(W), weight_times_at(W, A), A, B, 0.5)
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _dora_layer(x, W, None, (A.requires_grad_(), B.requires_grad_(), m), n, 0.5, p=p)
+    assert shapes.count((4, 7)) == 1
+
+
+def test_dora_node_on_a_bf16_base_with_dropout_equals_the_reference_path() -> None:
+    W, A, B = _factors(6, 5, 2, torch.float32)
+    x = torch.randn(3, 4, 5).to(torch.bfloat16)
+    m = torch.rand(6) + 0.5
+    W16 = W.to(torch.bfloat16)
+    n = weight_norm(row_norm_sq(W16), weight_times_at(W16, A), A, B, 2.0)
+    torch.manual_seed(5)
+    node = _dora_layer(x, W16, None, (A, B, m), n, 2.0, p=0.3)
+    torch.manual_seed(5)
+    reference = _dora_layer(x, W16, None, (A, B, m), n, 2.0, p=0.3, route="reference")
+    assert node.dtype == torch.bfloat16
+    # Both sum in fp32 and round once; the reference rescales x_d Wᵀ in bf16 first.
+    torch.testing.assert_close(node, reference, rtol=BF16, atol=BF16)

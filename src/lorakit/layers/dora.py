@@ -76,7 +76,9 @@ class RowNormCache:
 
 
 def _is_packed(layer: LoraLayer) -> bool:
-    return hasattr(layer, "dequantized_weight")
+    # On the class: a failed lookup on the module would go through nn.Module.__getattr__,
+    # which raises and formats an AttributeError on every forward.
+    return hasattr(type(layer), "dequantized_weight")
 
 
 def _is_transposed(layer: LoraLayer) -> bool:
@@ -115,10 +117,10 @@ def magnitude(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
 def _weight_times_at(layer: LoraLayer, A2: torch.Tensor) -> torch.Tensor:
     """P = W Aᵀ (out, r) in A's dtype; a 4-bit `QuantLinear` runs it as its own forward."""
     base = layer.base_layer
-    quantized = getattr(base, "quantized", None)
-    if quantized is not None:
+    if hasattr(type(base), "quantized"):  # on the class, as in `_is_packed`
         from ..ops.nf4 import linear_4bit_forward
 
+        quantized = getattr(base, "quantized")  # noqa: B009
         dtype = cast(torch.dtype, getattr(base, "config").compute_dtype)  # noqa: B009
         return linear_4bit_forward(A2.to(dtype), quantized, None).t().to(A2.dtype)
     return weight_times_at(weight_rows(layer), A2)
@@ -128,9 +130,16 @@ def _weight_times_at(layer: LoraLayer, A2: torch.Tensor) -> torch.Tensor:
 def weight_norm_of(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
     """n (out,): the detached row norm of W + s·B A for one adapter, in the adapter's dtype."""
     A, B = layer._adapter_pair(adapter_name)
-    A2, B2 = as_rows(A.detach()), as_rows(B.detach())
+    return _weight_norm(layer, A, B, layer.scaling[adapter_name])
+
+
+def _weight_norm(
+    layer: LoraLayer, A: torch.Tensor, B: torch.Tensor, scale: float | torch.Tensor
+) -> torch.Tensor:
+    """n (out,) for the factors A and B as they are now; run under `torch.no_grad`."""
+    A2, B2 = as_rows(A), as_rows(B)
     P = _weight_times_at(layer, A2)
-    return weight_norm(layer.dora_norms.get(layer), P, A2, B2, layer.scaling[adapter_name])
+    return weight_norm(layer.dora_norms.get(layer), P, A2, B2, scale)
 
 
 def magnitude_shape(layer: LoraLayer, out_features: int) -> tuple[int, ...]:
@@ -283,7 +292,8 @@ def linear_branch(
     """
     A, B = slot.pair()
     p = slot.dropout_p if layer.training else 0.0
-    n = weight_norm_of(layer, slot.adapter_name)
+    with torch.no_grad():
+        n = _weight_norm(layer, A, B, layer.scaling[slot.adapter_name])
     if operands is not None:
         base, weight, bias, _ = operands
     else:

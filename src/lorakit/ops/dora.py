@@ -73,16 +73,16 @@ def weight_norm(
 ) -> torch.Tensor:
     """n_o = ||W_o + s·(B A)_o|| from ||W_o||² (out,), P = W Aᵀ (out, r), A (r, in), B (out, r).
 
-    n² = ||W_o||² + 2s Σ_j B_oj P_oj + s² Σ_jk B_oj (A Aᵀ)_jk B_ok, summed in float64 (a
-    negative rounding residue is clamped to 0); returned in A's dtype, without autograd.
+    n² = ||W_o||² + 2s Σ_j B_oj (P + (s/2)·B A Aᵀ)_oj, the cross and square terms in one
+    product, summed in float64 (a negative rounding residue is clamped to 0); returned in A's
+    dtype, without autograd.
     """
     B64 = B.double()
     s = scale.double() if isinstance(scale, torch.Tensor) else float(scale)
-    cross = (B64 * P.double()).sum(1)  # (out,)
-    gram = (A @ A.t()).double()  # (r, r)
-    square = ((B64 @ gram) * B64).sum(1)  # (out,)
-    n_sq = W_row_norm_sq.double() + 2 * s * cross + s * s * square
-    return n_sq.clamp_min(0).sqrt().to(A.dtype)
+    half_gram = (A @ A.t()).double().mul_(s / 2)  # (r, r): (s/2)·A Aᵀ
+    Q = torch.addmm(P.double(), B64, half_gram)  # (out, r): P + (s/2)·B A Aᵀ
+    n_sq = (B64 * Q).sum(1).mul_(2 * s).add_(W_row_norm_sq)  # (out,)
+    return n_sq.clamp_min_(0).sqrt_().to(A.dtype)
 
 
 @torch.no_grad()
@@ -101,18 +101,33 @@ def dora_unmerged(W_merged: torch.Tensor, delta: torch.Tensor, g: torch.Tensor) 
     return W_merged.to(delta.dtype) / g - delta
 
 
+def _rescaled(
+    out: torch.Tensor, su: torch.Tensor, Bt: torch.Tensor, alpha: float, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, t): t = out + alpha · su Bᵀ summed into out's storage (or, for a narrower out, a
+    copy in the adapter's dtype) and y = g ⊙ t, rounded into out's dtype once."""
+    if out.dtype == su.dtype:
+        t = out.addmm_(su, Bt, alpha=alpha)
+        return t * g, t
+    t = out.to(su.dtype).addmm_(su, Bt, alpha=alpha)
+    return torch.mul(t, g, out=out), t
+
+
 class DoraBranch(NamedTuple):
     """DoRA as a branch of the fused LoRA node (`ops.lora_node`), for a linear base.
 
     The node hands `forward` the base output without its bias, x Wᵀ (N, out), and adds the
-    bias after; the branch rescales it in place (it is the node's only branch):
+    bias after; the branch is the node's only branch and rescales it:
 
-        no dropout:  out <- g ⊙ t,                         t = x Wᵀ + s·x Aᵀ Bᵀ
-        dropout:     out <- x Wᵀ - x_d Wᵀ + g ⊙ t,         t = x_d Wᵀ + s·x_d Aᵀ Bᵀ
+        no dropout:  y = g ⊙ t,                           t = x Wᵀ + s·x Aᵀ Bᵀ
+        dropout:     y = x Wᵀ - x_d Wᵀ + g ⊙ t,           t = x_d Wᵀ + s·x_d Aᵀ Bᵀ
 
-    with g = m / n and x_d = x_kept / (1 - p), running the base once more on x_kept. Tensors
-    (the node's autograd inputs): (A, B, m). Saved for backward: u = x_kept Aᵀ (N, r), t (N,
-    out) for m's gradient (Σ_N grad ⊙ t / n), and the packed dropout mask.
+    with g = m / n and x_d = x_kept / (1 - p), running the base once more on x_kept. Each
+    (N, out) tensor is formed in place where the previous one is no longer needed: without
+    dropout t is summed into the base output's storage and y is the one new tensor; with
+    dropout t is summed into x_kept Wᵀ's and y into the base output's. Tensors (the node's
+    autograd inputs): (A, B, m). Saved for backward: u = x_kept Aᵀ (N, r), t (N, out) for m's
+    gradient (Σ_N grad ⊙ t / n), g (out,) and the packed dropout mask.
 
     Attributes:
         scale: s.
@@ -149,33 +164,29 @@ class DoraBranch(NamedTuple):
 
     def forward(
         self, out: torch.Tensor, x2: torch.Tensor, tensors: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, ...]:
-        """Rescale `out` = x Wᵀ (N, out) in place into the DoRA output (without bias)."""
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(y, saved): the DoRA output without bias from `out` = x Wᵀ (N, out), which it
+        overwrites, and what backward needs."""
         A, B, m = tensors
         g = m.reshape(-1) / self.n  # (out,)
         kept = x2 if self.draw is None else self.draw.x_kept
         u = kept.to(A.dtype) @ A.t()  # (N, r)
         su, alpha = scaled_thin_side(u, self.scale)
         if self.draw is None:
-            t = out.to(A.dtype, copy=True).addmm_(su, B.t(), alpha=alpha)
-            if out.dtype == t.dtype:
-                torch.mul(t, g, out=out)
-            else:
-                out.copy_(t * g)  # rounded into the base dtype once
-            return u, t, torch.empty(0, dtype=torch.bool)
+            y, t = _rescaled(out, su, B.t(), alpha, g)
+            return y, (u, t, g, torch.empty(0, dtype=torch.bool))
         keep = 1.0 / (1.0 - self.p)
         zd = self.base.output(self.draw.x_kept, self.weight, None)  # (N, out): x_kept Wᵀ
         if out.dtype == A.dtype:
-            y = out.sub_(zd, alpha=keep)
-            t = zd  # its own tensor: reused
-        else:
-            y = out.to(A.dtype).sub_(zd.to(A.dtype), alpha=keep)
-            t = zd.to(A.dtype)
-        t.addmm_(su, B.t(), alpha=alpha).mul_(keep)  # x_d Wᵀ + s·x_d Aᵀ Bᵀ
+            y = out.sub_(zd, alpha=keep)  # x Wᵀ - x_d Wᵀ
+        else:  # summed in the adapter's wider dtype, rounded into out once
+            zd = zd.to(A.dtype)
+            y = out.to(A.dtype).sub_(zd, alpha=keep)
+        t = zd.addmm_(su, B.t(), beta=keep, alpha=alpha * keep)  # x_d Wᵀ + s·x_d Aᵀ Bᵀ
         y.addcmul_(t, g)
         if y is not out:
             out.copy_(y)
-        return u, t, self.draw.saved_mask
+        return out, (u, t, g, self.draw.saved_mask)
 
     def backward(
         self,
@@ -186,37 +197,49 @@ class DoraBranch(NamedTuple):
         needs: tuple[bool, ...],
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor | None, ...]]:
         """(gradient reaching x Wᵀ: g ⊙ grad without dropout, grad with it; the branch's
-        input-gradient; gradients of A, B and m)."""
+        input-gradient; gradients of A, B and m).
+
+        The LoRA factors' gradients take c·g on their thin side: from g ⊙ grad when that is
+        formed anyway for the base (no dropout), else from grad with c·g folded into B
+        (out, r), so that no other (N, out) tensor is formed for them.
+        """
         A, B, m = tensors
-        u, t, saved_mask = saved
+        u, t, factor, saved_mask = saved  # factor: g = m / n (out,)
         need_x, need_A, need_B, need_m = needs[:4]
         G = g.to(A.dtype)  # the same tensor unless the base runs in another dtype
-        factor = m.reshape(-1) / self.n  # g = m / n, (out,)
-        Gg = G * factor  # (N, out)
         keep = 1.0 / (1.0 - self.p)
         c = self.scale * keep
         dropped = kept = None
         if self.seed is not None and (need_x or need_A):
             rebuilt = self.shared.rebuild if self.shared is not None else rebuild
             dropped, kept = rebuilt(x2, saved_mask, self.seed)
-        grad_x = grad_A = grad_B = grad_m = None
-        if need_m:
-            grad_m = ((G * t).sum(0) / self.n).reshape(m.shape)
+        grad_m = spare = None
+        if need_m:  # Σ_N grad ⊙ t / n; the product's storage is reused below
+            spare = G * t  # (N, out)
+            grad_m = spare.sum(0).div_(self.n).reshape(m.shape)
+        G_lora: torch.Tensor
+        if self.seed is None:
+            G_lora = G_base = torch.mul(G, factor, out=spare)  # also the gradient to x Wᵀ
+            column: Scale = c
+        else:
+            G_lora, G_base, column = G, g, factor * c  # c·g on B's rows
+        grad_x = grad_A = grad_B = None
         if need_B:
-            grad_B = (u.t() @ Gg).mul_(c).t().contiguous()  # (out, r)
+            grad_B = (u.t() @ G_lora).mul_(column).t().contiguous()  # (out, r)
         if need_x or need_A:
-            grad_u = (Gg @ B).mul_(c)  # (N, r)
+            rows = column.view(-1, 1) if isinstance(column, torch.Tensor) else column
+            grad_u = G_lora @ (B * rows)  # (N, r)
             if need_A:
                 grad_A = grad_u.t() @ (x2 if kept is None else kept).to(A.dtype)  # (r, in)
             if need_x:
                 grad_x = grad_u @ A  # (N, in)
         if dropped is None:
-            return Gg.to(g.dtype), grad_x, (grad_A, grad_B, grad_m)
+            return G_base.to(g.dtype), grad_x, (grad_A, grad_B, grad_m)
         if grad_x is not None:  # + (g - 1) ⊙ grad through W on the dropped input
-            on_dropped = (G * ((factor - 1) * keep)).to(g.dtype)  # one pass over (N, out)
+            on_dropped = torch.mul(G, (factor - 1) * keep, out=spare).to(g.dtype)
             grad_x = self.base.input_grad(on_dropped, self.weight, grad_x)
             grad_x.masked_fill_(dropped, 0)
-        return g, grad_x, (grad_A, grad_B, grad_m)
+        return G_base, grad_x, (grad_A, grad_B, grad_m)
 
     def reference(
         self, result: torch.Tensor, x: torch.Tensor, tensors: tuple[torch.Tensor, ...]

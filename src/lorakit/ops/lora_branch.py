@@ -95,9 +95,9 @@ class LoraBranch(NamedTuple):
 
     def forward(
         self, out: torch.Tensor, x2: torch.Tensor, tensors: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, ...]:
-        """Add c · x_kept Aᵀ Bᵀ (+ s · b_B) into `out` (N, out) in place; return what backward
-        needs: u (N, r) and the packed dropout mask (empty without dropout)."""
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Add c · x_kept Aᵀ Bᵀ (+ s · b_B) into `out` (N, out) in place; return `out` and what
+        backward needs: u (N, r) and the packed dropout mask (empty without dropout)."""
         A, B = tensors[0], tensors[1]
         kept = x2 if self.draw is None else self.draw.x_kept
         if kept.dtype != A.dtype:
@@ -114,7 +114,7 @@ class LoraBranch(NamedTuple):
         else:
             out.add_(torch.addmm(bias_term, cu, B.t(), beta=beta, alpha=alpha))
         mask = self.draw.saved_mask if self.draw is not None else torch.empty(0, dtype=torch.bool)
-        return u, mask
+        return out, (u, mask)
 
     def _bias_term(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, float]:
         """(b', beta) with beta · b' = s · b_B, or (None, 0) without a bias."""

@@ -22,9 +22,10 @@ the one node:
     num_tensors: how many of the node's tensors are this branch's;
     needs_base_without_bias: True to receive the base output without its bias (the node adds
         the bias after all branches ran), e.g. DoRA's y = base_nobias · (m/n) + b + ...;
-    forward(out, x2, tensors) -> saved: adds the branch into `out` (N, out) in place (it may
-        also rescale `out`, if it is the node's only branch) and returns the tensors its
-        backward needs;
+    forward(out, x2, tensors) -> (out, saved): adds the branch into `out` (N, out) in place
+        and returns it with the tensors its backward needs; a branch that rescales the base
+        output (the node's only branch) may return a fresh tensor instead, when keeping the
+        unscaled one for backward saves a pass;
     for_backward() -> the branch as backward needs it (without forward-only tensors, which
         the node would otherwise keep alive until backward);
     backward(g, x2, tensors, saved, needs) -> (g_base, grad_x, grads): the gradient reaching
@@ -77,7 +78,7 @@ class NodeBranch(Protocol):
 
     def forward(
         self, out: torch.Tensor, x2: torch.Tensor, tensors: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, ...]: ...
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]: ...
 
     def for_backward(self) -> NodeBranch: ...
 
@@ -131,7 +132,10 @@ def _forward(
     late_bias = bias is not None and any(b.needs_base_without_bias for b in branches)
     out = base.output(x2, weight, None if late_bias else bias)
     groups = _split(tensors, [b.num_tensors for b in branches])
-    saved = [branch.forward(out, x2, group) for branch, group in zip(branches, groups, strict=True)]
+    saved = []
+    for branch, group in zip(branches, groups, strict=True):
+        out, kept = branch.forward(out, x2, group)
+        saved.append(kept)
     if late_bias:
         assert bias is not None
         out.add_(bias)
