@@ -6,7 +6,9 @@ Model: the "small" Llama-style base (hidden 512, 8 layers) with 8 all-linear r=1
              row) with every row on the base, on one adapter, and spread over the 8 adapters
              (2 rows each); and the forward of 16 single tokens without a cache (the way the
              issue measured peft's `adapter_names`) for the engine and for peft.
-  prefill    a 16 x 64 forward: one adapter vs spread over 8 (engine and peft).
+  prefill    a 16 x 64 forward: one adapter vs spread over 8 (engine and peft), the rows in
+             the order the engine's scheduler gives a prefill (by adapter: 2 rows each); the
+             engine also with the rows interleaved (row i on adapter i % 8), for comparison.
   memory     bytes the engine's banks hold per loaded adapter vs the adapter's tensor bytes:
              the whole stacks (rows the adapters own plus free rows, which the default
              doubling growth leaves; 8 adapters of r=16 fill 128 rows exactly, other counts
@@ -186,11 +188,17 @@ def _peft_base(peft_cases: PeftCases, ids: torch.Tensor) -> None:
 
 
 def prefill_cases(engine: EngineCases, peft_cases: PeftCases | None) -> list[harness.Case]:
-    single, mixed = [engine.names[0]] * ROWS, spread(engine.names)
+    single, interleaved = [engine.names[0]] * ROWS, spread(engine.names)
+    # The scheduler orders a prefill's rows by adapter (serve.scheduler); both libraries get
+    # the rows in that order.
+    mixed = sorted(interleaved)
     ids = engine.prefill_ids
     cases = [
         harness.Case("engine prefill 1 adapter", lambda: engine.forward(ids, single)),
         harness.Case("engine prefill 8 adapters", lambda: engine.forward(ids, mixed)),
+        harness.Case(
+            "engine prefill 8 adapters, interleaved", lambda: engine.forward(ids, interleaved)
+        ),
     ]
     if peft_cases is not None:
         cases += [
@@ -280,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     figures["prefill single / mixed (throughput)"] = prefill.paired_ratio(
         "engine prefill 1 adapter", "engine prefill 8 adapters"
+    )
+    figures["prefill single / mixed interleaved (throughput)"] = prefill.paired_ratio(
+        "engine prefill 1 adapter", "engine prefill 8 adapters, interleaved"
     )
     if peft_cases is not None:
         figures["peft no-cache mixed / engine no-cache mixed (throughput)"] = decode.paired_ratio(

@@ -99,14 +99,18 @@ def _prompt(length: int, salt: int) -> list[int]:
     return [(37 * i + 11 * salt) % 250 + 3 for i in range(length)]
 
 
-@pytest.mark.parametrize("route", ["stacked", "gathered", "grouped"])
+@pytest.mark.parametrize("route", ["stacked", "gathered", "grouped", "sliced"])
 def test_continuous_mixed_batch_greedy_tokens_and_logprobs_equal_merged_models(
     adapters: dict[str, Path], route: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # COPY_COST and REGROUP_COST decide the route per layer; their extremes force one route
-    # everywhere (grouped: wherever the rows allow it, one adapter of one rank per row).
-    monkeypatch.setattr(routing_module, "COPY_COST", 1e9 if route == "stacked" else -1e9)
+    # COPY_COST, REGROUP_COST and SLICE_COST decide the route per layer; their extremes force
+    # one route everywhere (grouped: in decoding steps, wherever the rows allow it, one
+    # adapter of one rank per row; gathered elsewhere).
+    monkeypatch.setattr(
+        routing_module, "COPY_COST", 1e9 if route in ("stacked", "sliced") else -1e9
+    )
     monkeypatch.setattr(routing_module, "REGROUP_COST", -1e9 if route == "grouped" else 1e9)
+    monkeypatch.setattr(routing_module, "SLICE_COST", -1e9 if route == "sliced" else 1e9)
     engine = _engine(adapters)
     sampling = SamplingParams(max_tokens=MAX_TOKENS, logprobs=True)
     requests = []

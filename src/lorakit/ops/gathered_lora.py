@@ -12,16 +12,20 @@ which is exactly the update of one adapter (c one-hot on a segment), of a blend 
 adapter A = [A_a; A_b], B = [w_a s_a B_a | w_b s_b B_b] of rank r_a + r_b), or of none (c = 0).
 Zero coefficients add exact zeros, so a row's result does not depend on the other rows.
 
-Two equal routes compute it for a batch x (rows, seq, in):
+Four equal routes compute it for a batch x (rows, seq, in):
 - `stacked_lora_delta`: one product with every stacked column, then the coefficients; reads each
   adapter's factors once, best for decoding (seq = 1), where reading weights dominates.
 - `gathered_lora_delta`: each row gathers only the k columns it uses (its adapters' rows of
   A_cat and columns of B_cat, zero-coefficient padding to the longest row), then batched
-  matmuls; its work does not grow with the adapters loaded, best for prefill (seq > 1).
+  matmuls; its work does not grow with the adapters loaded.
 - `grouped_lora_delta`: when every row uses one adapter (or none) and those adapters share a
   rank r, the rows are regrouped per adapter (n groups of m rows, padded) and two batched
   matmuls run against the stacks viewed as (n, r, in) and (n, r, out), without copying any
   factor; each row reads only its own adapter's columns, best for mixed decoding.
+- `sliced_lora_add_`: when consecutive rows share their choice, each such slice of rows (a
+  view of x, no copy) is multiplied by its own adapters' factors (read in place) and the
+  result added into y in place; two products per slice and adapter, whatever the other rows
+  use, best for prefill (seq > 1), where the products are large.
 """
 
 from __future__ import annotations
@@ -84,3 +88,26 @@ def grouped_lora_delta(
     hidden = torch.bmm(grouped, A.transpose(1, 2))  # (n, m·seq, r)
     y = torch.bmm(hidden, B_t).view(-1, seq, out_features)  # (n·m, seq, out)
     return y.index_select(0, targets) * weights.view(rows, 1, 1)
+
+
+# One slice of the sliced route: (first row, end row, first stacked row, rank, weight).
+Slice = tuple[int, int, int, int, float]
+
+
+def sliced_lora_add_(
+    y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B_t: torch.Tensor, slices: list[Slice]
+) -> None:
+    """y[i:j] += w · (x[i:j] A[f:f+r]^T) B_t[f:f+r] for every slice (i, j, f, r, w), in place.
+
+    Rows no slice names are left as they are (base rows). A row in several slices (a blend)
+    gets each slice's term.
+
+    Shapes: y (rows, seq, out) contiguous, x (rows, seq, in), A (R, in), B_t (R, out) (the
+    stacked (s·B)^T).
+    """
+    in_features, out_features = x.shape[-1], y.shape[-1]
+    for first_row, end_row, first, r, weight in slices:
+        x_rows = x[first_row:end_row].reshape(-1, in_features)  # (tokens, in), a view
+        hidden = x_rows @ A[first : first + r].t()  # (tokens, r)
+        y_rows = y[first_row:end_row].view(-1, out_features)  # (tokens, out), a view
+        y_rows.addmm_(hidden, B_t[first : first + r], alpha=weight)

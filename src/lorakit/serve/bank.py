@@ -159,8 +159,11 @@ class AdapterBank(nn.Module):
             )
         # (rows, seq, in), also from inputs flattened to (rows * seq, in), rows outermost.
         x3 = x.reshape(rows, -1, self.in_features).to(self.A.dtype)
-        delta = plan.delta(x3, self.A, self.B_t.t())
-        return result + delta.view(result.shape).to(result.dtype)
+        # The base's fresh output takes the update in place (a copy only to change its dtype
+        # or layout); (rows, seq, out) like x3.
+        y = result.to(self.A.dtype).contiguous()
+        plan.add_delta_(y.view(rows, -1, self.out_features), x3, self.A, self.B_t)
+        return y.to(result.dtype)
 
 
 class HeadBank(nn.Module):

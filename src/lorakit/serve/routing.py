@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.ops.gathered_lora import (
+    Slice,
     gathered_lora_delta,
     grouped_lora_delta,
+    sliced_lora_add_,
     stacked_lora_delta,
 )
 
@@ -28,6 +30,12 @@ Layout = tuple[tuple[str, int, int], ...]
 COPY_COST = 16.0
 # Cost of regrouping one token's input for the grouped route, in the same unit.
 REGROUP_COST = 1.0
+# Fixed cost of one slice's two products on the sliced route (calls on small matrices), in the
+# same unit: with seq = 1 slices of a few rows lose to the other routes, with seq = 64 they win.
+SLICE_COST = 200.0
+# Cost per token of the routes that build the update apart and then add it to the output (all
+# but sliced), in the same unit (measured on the benchmark model, issue 13).
+ADD_COST = 5.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,9 @@ class RowPlan:
         column_coefficients: (rows, k): their weights, 0 on padding (gathered route).
         grouped: The rows per adapter (grouped route), None when a row blends adapters of
             this layer or the adapters used differ in rank.
+        slices: (first row, end row, first stacked row, rank, weight) per run of consecutive
+            rows with one choice and adapter it uses (sliced route).
+        sliced_rank_rows: Σ rank · rows over the slices (the sliced route's work per token).
     """
 
     first: int
@@ -84,27 +95,43 @@ class RowPlan:
     columns: torch.Tensor
     column_coefficients: torch.Tensor
     grouped: GroupedPlan | None = None
+    slices: tuple[Slice, ...] = ()
+    sliced_rank_rows: int = 0
 
-    def delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """The rows' low-rank updates for x (rows, seq, in), by the cheapest route.
+    def add_delta_(
+        self, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B_t: torch.Tensor
+    ) -> None:
+        """Add the rows' low-rank updates for x (rows, seq, in) to y (rows, seq, out) in place.
 
-        Stacked multiplies every row by the span of columns the batch uses (all rows on one
-        adapter: that adapter's columns only); gathered copies each row's k columns of A and
-        B, then multiplies by k columns only; grouped multiplies each adapter's rows by its
-        own columns, read in place.
+        The cheapest route runs: stacked multiplies every row by the span of columns the batch
+        uses (all rows on one adapter: that adapter's columns only); gathered copies each
+        row's k columns of A and B, then multiplies by k columns only; grouped multiplies each
+        adapter's rows by its own columns, read in place; sliced multiplies each run of rows
+        sharing a choice by its adapters' columns, read in place, adding into y.
         """
         rows, seq, _ = x.shape
         span, k = self.last - self.first, self.columns.shape[1]
-        stacked_cost = span * (rows * seq + 1)
-        gathered_cost = k * (rows * seq + COPY_COST * rows)
-        if self.grouped is not None and self.grouped.cost(rows, seq) < min(
-            stacked_cost, gathered_cost
-        ):
-            return self.grouped.delta(x, A, B)
-        if stacked_cost <= gathered_cost:
-            A_used, B_used = A[self.first : self.last], B[:, self.first : self.last]
-            return stacked_lora_delta(x, A_used, B_used, self.coefficients)
-        return gathered_lora_delta(x, A, B, self.columns, self.column_coefficients)
+        add_cost = ADD_COST * rows * seq
+        costs = {
+            "stacked": span * (rows * seq + 1) + add_cost,
+            "gathered": k * (rows * seq + COPY_COST * rows) + add_cost,
+            "sliced": self.sliced_rank_rows * seq + SLICE_COST * len(self.slices),
+        }
+        # Grouped serves decoding steps only: with seq > 1 its batched products ran far slower
+        # than its cost says (12 ms against sliced's 1.4 ms for 16 x 64 tokens, one layer).
+        if self.grouped is not None and seq == 1:
+            costs["grouped"] = self.grouped.cost(rows, seq) + add_cost
+        route = min(costs, key=costs.__getitem__)
+        if route == "sliced":
+            sliced_lora_add_(y, x, A, B_t, list(self.slices))
+        elif route == "grouped":
+            assert self.grouped is not None
+            y.add_(self.grouped.delta(x, A, B_t.t()))
+        elif route == "stacked":
+            A_used, B_used = A[self.first : self.last], B_t[self.first : self.last].t()
+            y.add_(stacked_lora_delta(x, A_used, B_used, self.coefficients))
+        else:
+            y.add_(gathered_lora_delta(x, A, B_t.t(), self.columns, self.column_coefficients))
 
 
 def build_plan(
@@ -130,6 +157,7 @@ def build_plan(
     k = max(len(c) for c in row_columns) if row_columns else 0
     if k == 0:
         return None
+    slices = _slices(choices, offsets)
     first = min(min(c) for c in row_columns if c)
     last = max(max(c) for c in row_columns if c) + 1
     columns_tensor = torch.full((len(choices), k), first, dtype=torch.long)
@@ -144,6 +172,27 @@ def build_plan(
         columns=columns_tensor.to(device),
         column_coefficients=weights_tensor.to(device, dtype),
         grouped=_grouped_plan(choices, offsets, dtype, device),
+        slices=slices,
+        sliced_rank_rows=sum(r * (end_row - first_row) for first_row, end_row, _, r, _ in slices),
+    )
+
+
+def _slices(choices: Sequence[RowChoice], offsets: dict[str, tuple[int, int]]) -> tuple[Slice, ...]:
+    """The sliced route's slices: runs of consecutive rows with one choice, per adapter used.
+
+    Adapters the layer does not have and zero weights add nothing, so they make no slice.
+    """
+    runs: list[tuple[int, int, RowChoice]] = []
+    for row, choice in enumerate(choices):
+        used = tuple((name, weight) for name, weight in choice if name in offsets and weight)
+        if runs and runs[-1][2] == used:
+            runs[-1] = (runs[-1][0], row + 1, used)
+        else:
+            runs.append((row, row + 1, used))
+    return tuple(
+        (first_row, end_row, *offsets[name], weight)
+        for first_row, end_row, used in runs
+        for name, weight in used
     )
 
 

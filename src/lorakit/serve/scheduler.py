@@ -157,6 +157,9 @@ class Scheduler:
 
     @torch.no_grad()
     def _prefill(self, joined: list[Sequence_]) -> None:
+        # Rows of one adapter (or blend) next to each other: the banks' sliced route then
+        # multiplies each adapter's rows as one slice.
+        joined = sorted(joined, key=lambda sequence: sequence.choice)
         ids, mask, positions = self._left_padded([s.prompt for s in joined])
         self.routing.set_rows([s.choice for s in joined], ids.shape[1])
         output = self._forward(ids, mask, positions, self._cache_class())
