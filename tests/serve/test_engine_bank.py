@@ -16,7 +16,8 @@ from engine_support import (
     save_adapter,
 )
 from lorakit.errors import ServeError
-from lorakit.ops.gathered_lora import grouped_lora_delta
+from lorakit.io.errors import CorruptAdapterFileError
+from lorakit.ops.gathered_lora import Slice, grouped_lora_delta, sliced_lora_add_
 from lorakit.serve import Engine, SamplingParams
 from lorakit.serve.bank import AdapterBank
 from lorakit.serve.types import AdapterSpec
@@ -189,3 +190,88 @@ def test_decoding_rows_of_same_rank_adapters_takes_the_grouped_route_and_stays_e
         assert isinstance(blend, dict)
         reference = merged_by_hand(byte_llama(), {folders[n]: w for n, w in blend.items()})
         assert [e.token_id for e in handle] == greedy_reference(reference, prompt[: 3 + i % 3], 6)
+
+
+def test_sliced_lora_add_adds_each_slices_update_in_place_float64() -> None:
+    generator = torch.Generator().manual_seed(0)
+    rows, seq, in_features, out_features = 5, 3, 6, 4
+    x = torch.randn(rows, seq, in_features, generator=generator, dtype=torch.float64)
+    A = torch.randn(7, in_features, generator=generator, dtype=torch.float64)  # ranks 3 and 4
+    B_t = torch.randn(7, out_features, generator=generator, dtype=torch.float64)
+    y0 = torch.randn(rows, seq, out_features, generator=generator, dtype=torch.float64)
+    y = y0.clone()
+    storage = y.data_ptr()
+    # Rows 0-1: adapter 1 (rows 0-2 of the stacks); row 2: base; row 3: a blend of both
+    # adapters; row 4: adapter 2 (rows 3-6) with weight -0.5.
+    slices = [(0, 2, 0, 3, 1.0), (3, 4, 0, 3, 0.7), (3, 4, 3, 4, 0.25), (4, 5, 3, 4, -0.5)]
+    sliced_lora_add_(y, x, A, B_t, slices)
+    assert y.data_ptr() == storage  # in place
+    one, two = (A[:3], B_t[:3]), (A[3:], B_t[3:])
+    terms = [[(1.0, one)], [(1.0, one)], [], [(0.7, one), (0.25, two)], [(-0.5, two)]]
+    for row, row_terms in enumerate(terms):
+        expected = y0[row].clone()
+        for weight, (A_i, B_t_i) in row_terms:
+            expected += weight * (x[row] @ A_i.t() @ B_t_i)
+        if not row_terms:
+            assert torch.equal(y[row], y0[row])  # base rows are not touched
+        assert torch.allclose(y[row], expected, atol=1e-10, rtol=0)
+
+
+def test_prefill_orders_rows_by_adapter_so_each_adapter_is_one_slice(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slice_counts: list[int] = []
+
+    def counting(
+        y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B_t: torch.Tensor, slices: list[Slice]
+    ) -> None:
+        slice_counts.append(len(slices))
+        sliced_lora_add_(y, x, A, B_t, slices)
+
+    monkeypatch.setattr(routing_module, "sliced_lora_add_", counting)
+    engine = _engine()
+    engine.load_adapter("a", folders["a"])
+    engine.load_adapter("c", folders["c"])
+    specs: list[AdapterSpec] = ["a", "c", None, "a", "c", "a"]
+    prompt = [104, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]
+    handles = [engine.submit(prompt, spec, SamplingParams(max_tokens=1)) for spec in specs]
+    engine._run_inline(handles)
+    # One prefill of 6 rows of 11 tokens: in submission order the rows would make 5 slices
+    # per layer; ordered by adapter, "a" and "c" are one slice each.
+    assert slice_counts == [2] * 4  # q_proj and v_proj of 2 layers
+    for spec, handle in zip(specs, handles, strict=True):
+        blend = {} if spec is None else {folders[str(spec)]: 1.0}
+        reference = merged_by_hand(byte_llama(), blend)
+        assert [e.token_id for e in handle] == greedy_reference(reference, prompt, 1)
+
+
+def test_a_load_writes_the_files_factors_exactly_read_in_place(
+    folders: dict[str, Path],
+) -> None:
+    from safetensors.torch import load_file
+
+    engine = _engine()
+    engine.load_adapter("b", folders["b"])
+    tensors = load_file(folders["b"] / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    A, B = tensors[key.format("A")], tensors[key.format("B")]
+    got_A, got_B_t = _rows(_q_proj(engine), "b")
+    assert torch.equal(got_A, A)
+    assert torch.equal(got_B_t, B.t() * (8 / 8))  # lora_alpha 8, r 8: s = 1
+
+
+def test_a_corrupt_weights_file_is_refused_by_lorakit_io_with_the_fix(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    engine = _engine()
+    for name, cut in (("cut_200", 200), ("cut_12", 12)):  # bytes cut from the end
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_bytes(
+            (folders["a"] / "adapter_config.json").read_bytes()
+        )
+        data = (folders["a"] / "adapter_model.safetensors").read_bytes()
+        (folder / "adapter_model.safetensors").write_bytes(data[:-cut])
+        with pytest.raises(CorruptAdapterFileError, match="not a readable safetensors file"):
+            engine.load_adapter(name, folder)
+    assert engine.adapters() == {}

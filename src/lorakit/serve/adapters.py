@@ -10,6 +10,9 @@ loaded.
 
 from __future__ import annotations
 
+import json
+import math
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +23,8 @@ from torch import nn
 
 from lorakit.errors import ServeError
 from lorakit.inject.matching import pattern_value
-from lorakit.io.files import load_adapter_files
-from lorakit.io.keys import MODEL_KEY_PREFIX, lora_module_paths
+from lorakit.io.files import SAFETENSORS_WEIGHTS_NAME, load_adapter_files, read_adapter_config
+from lorakit.io.keys import MODEL_KEY_PREFIX
 from lorakit.ops.lora import lora_scale
 from lorakit.serve.types import AdapterInfo
 
@@ -42,6 +45,15 @@ UNSERVED_OPTIONS: dict[str, tuple[object, ...]] = {
     "target_parameters": (None, []),
     "alora_invocation_tokens": (None, []),
     "arrow_config": (None,),
+}
+
+LORA_A_KEY, LORA_B_KEY = ".lora_A.weight", ".lora_B.weight"  # file keys' suffixes
+# safetensors dtypes read in place; a file with others is read by lorakit.io instead.
+MAPPED_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
 }
 
 
@@ -128,14 +140,26 @@ def _factors(
     device: torch.device,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     factors = {}
-    for path in lora_module_paths(tensors):
+    # The modules' paths from their lora_A keys (a scan of suffixes: faster than parsing keys).
+    paths = [
+        key[len(MODEL_KEY_PREFIX) : -len(LORA_A_KEY)]
+        for key in tensors
+        if key.startswith(MODEL_KEY_PREFIX) and key.endswith(LORA_A_KEY)
+    ]
+    for path in paths:
         if path not in modules:
             raise ServeError(
                 f"The adapter adapts {path!r}, which the base does not have. Fix: load it into "
                 "an engine built on the base it was trained on."
             )
-        A = tensors[f"{MODEL_KEY_PREFIX}{path}.lora_A.weight"].float()
-        B = tensors[f"{MODEL_KEY_PREFIX}{path}.lora_B.weight"].float()
+        A = tensors[f"{MODEL_KEY_PREFIX}{path}{LORA_A_KEY}"].float()
+        B = tensors.get(f"{MODEL_KEY_PREFIX}{path}{LORA_B_KEY}")
+        if B is None:
+            raise ServeError(
+                f"The adapter file holds lora_A of {path!r} but no lora_B. Fix: save the "
+                "adapter again (its file is incomplete)."
+            )
+        B = B.float()
         features = module_features(modules[path])
         if features is None or A.dim() != 2 or B.dim() != 2:
             raise ServeError(
@@ -168,6 +192,70 @@ def _check_head(path: str, state: dict[str, torch.Tensor], module: nn.Module) ->
         )
 
 
+def _mapped_tensors(path: Path) -> dict[str, torch.Tensor] | None:
+    """The safetensors file's tensors as views of a private memory map of it, no copy.
+
+    The banks copy each tensor once, straight from the file's pages into their stacks (the
+    map is copy-on-write, so the file never changes; it closes with the last view). None when
+    the file is not one this reads in place (too short, not mappable, a header that does not
+    parse or fit, a dtype outside MAPPED_DTYPES, an empty or unaligned tensor): lorakit.io
+    then reads it, or says what is wrong with it and the fix.
+    """
+    try:
+        with path.open("rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size < 8:
+                return None
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError:  # e.g. a file system that cannot map files
+        return None
+    start = 8 + int.from_bytes(mapped[:8], "little")  # the data follow the JSON header
+    try:
+        header = json.loads(mapped[8:start]) if start <= size else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    flat: dict[torch.dtype, torch.Tensor] = {}  # the file's bytes seen as each dtype used
+    tensors = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = MAPPED_DTYPES[entry["dtype"]]
+            shape = [int(n) for n in entry["shape"]]
+            begin, end = (int(offset) for offset in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        numel = math.prod(shape)
+        offset = start + begin
+        if (
+            numel == 0
+            or begin < 0
+            or end - begin != numel * dtype.itemsize
+            or start + end > size
+            or offset % dtype.itemsize  # reinterpreting the bytes needs aligned elements
+        ):
+            return None
+        if dtype not in flat:
+            flat[dtype] = torch.frombuffer(mapped, dtype=dtype, count=size // dtype.itemsize)
+        strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
+        tensors[key] = flat[dtype].as_strided(shape, strides, offset // dtype.itemsize)
+    return tensors
+
+
+def _read_files(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(file key -> tensor, config) of an adapter folder, its weights read in place if they can."""
+    weights = folder / SAFETENSORS_WEIGHTS_NAME
+    if weights.is_file():
+        config = read_adapter_config(folder)
+        tensors = _mapped_tensors(weights)
+        if tensors is not None:
+            return tensors, config
+    # No safetensors file (lorakit.io names what is missing) or one read by its parser.
+    return load_adapter_files(folder)
+
+
 def read_adapter(
     name: str,
     path: str | os.PathLike[str],
@@ -184,7 +272,7 @@ def read_adapter(
         AdapterFileError: The folder or its files are missing or corrupt (from lorakit.io).
     """
     folder = Path(path)
-    tensors, config = load_adapter_files(folder)
+    tensors, config = _read_files(folder)
     _check_options(config, folder, task)
     unserved = [k for k in tensors if ".lora_embedding_" in k or ".lora_magnitude_vector" in k]
     if unserved:
@@ -194,9 +282,7 @@ def read_adapter(
         )
     factors = _factors(tensors, config, modules, dtype, device)
     lora_keys = {
-        f"{MODEL_KEY_PREFIX}{p}.{container}.weight"
-        for p in factors
-        for container in ("lora_A", "lora_B")
+        f"{MODEL_KEY_PREFIX}{p}{suffix}" for p in factors for suffix in (LORA_A_KEY, LORA_B_KEY)
     }
     heads: dict[str, dict[str, torch.Tensor]] = {}
     for owner, paths in _head_paths([k for k in tensors if k not in lora_keys], modules).items():
