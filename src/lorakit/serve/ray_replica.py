@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LorakitError, UnknownAdapterError
 from ..extras import import_optional
@@ -32,6 +32,9 @@ from .http_adapters import ADAPTER_CONFIG, ADAPTER_NAME, resolve_adapter_folder
 from .http_errors import error_payload
 from .server import ServerOptions, create_app
 from .types import BASE_ADAPTER
+
+if TYPE_CHECKING:  # ray_app imports this module
+    from .ray_app import RayAppOptions
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +194,7 @@ class EngineReplica:
         options: The app's options (`ray_app.RayAppOptions`).
     """
 
-    def __init__(self, options: Any) -> None:
+    def __init__(self, options: RayAppOptions) -> None:
         serve = import_optional("ray.serve", "ray", PURPOSE)
         self._engine = options.build_engine()
         self._engine.start()
