@@ -208,22 +208,55 @@ def running_server(base: Path, folders: dict[str, Path], log: Path) -> Iterator[
 
 
 def run_rounds(
-    url: str, mixes: dict[str, list[LoadRequest]], rounds: int, duration_s: float, warmup_s: float
+    targets: dict[str, tuple[str, list[LoadRequest]]],
+    rounds: int,
+    duration_s: float,
+    warmup_s: float,
+    ramp_up_s: float,
 ) -> dict[str, list[LoadReport]]:
-    """Each case for `duration_s` per round, interleaved, after an untimed warm-up of each."""
-    for case in CASES:
-        run_load_sync(
-            url, mixes[case], clients=CLIENTS, duration_s=warmup_s, ramp_up_s=warmup_s / 2
-        ).check()
-    reports: dict[str, list[LoadReport]] = {case: [] for case in CASES}
+    """Each named (url, mix) for `duration_s` per round, interleaved, after an untimed warm-up.
+
+    bench_ray uses it too, with one mix over several servers.
+    """
+    for url, mix in targets.values():
+        warm_ramp = min(ramp_up_s, warmup_s / 2)
+        run_load_sync(url, mix, clients=CLIENTS, duration_s=warmup_s, ramp_up_s=warm_ramp).check()
+    reports: dict[str, list[LoadReport]] = {name: [] for name in targets}
     for number in range(rounds):
-        for case in CASES:
+        for name, (url, mix) in targets.items():
             report = run_load_sync(
-                url, mixes[case], clients=CLIENTS, duration_s=duration_s, ramp_up_s=RAMP_UP_S
+                url, mix, clients=CLIENTS, duration_s=duration_s, ramp_up_s=ramp_up_s
             )
-            print(f"round {number + 1}, {case}: {report.summary().splitlines()[1]}", flush=True)
-            reports[case].append(report)
+            print(f"round {number + 1}, {name}: {report.summary().splitlines()[1]}", flush=True)
+            reports[name].append(report)
     return reports
+
+
+def parse_round_arguments(
+    argv: list[str] | None, description: str, duration_s: float, ramp_up_s: float
+) -> argparse.Namespace:
+    """The load benchmarks' shared options (--duration, --rounds, --warmup, --threads, --quick)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--duration", type=float, default=duration_s, help="seconds per case per round"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    parser.add_argument("--warmup", type=float, default=5.0, help="untimed seconds per case")
+    parser.add_argument(
+        "--threads", type=int, default=harness.DEFAULT_THREADS, help="torch threads of the server"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="one round of 4 s: only checks that it runs"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds, args.warmup = 4.0, 1, 2.0
+    if args.rounds < 1 or args.duration <= ramp_up_s or args.warmup <= 0:
+        raise SystemExit(
+            f"--rounds must be >= 1, --duration > {ramp_up_s} (the ramp-up) and --warmup > 0; "
+            f"got {args.rounds}, {args.duration}, {args.warmup}"
+        )
+    return args
 
 
 def pooled(reports: Sequence[LoadReport]) -> LoadReport:
@@ -264,24 +297,7 @@ def print_results(reports: dict[str, list[LoadReport]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds per case per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
-    parser.add_argument("--warmup", type=float, default=5.0, help="untimed seconds per case")
-    parser.add_argument(
-        "--threads", type=int, default=harness.DEFAULT_THREADS, help="torch threads"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="one round of 4 s: only checks that it runs"
-    )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.duration, args.rounds, args.warmup = 4.0, 1, 2.0
-    if args.rounds < 1 or args.duration <= RAMP_UP_S or args.warmup <= 0:
-        raise SystemExit(
-            f"--rounds must be >= 1, --duration > {RAMP_UP_S} (the ramp-up) and --warmup > 0; "
-            f"got {args.rounds}, {args.duration}, {args.warmup}"
-        )
+    args = parse_round_arguments(argv, __doc__.splitlines()[0], 30.0, RAMP_UP_S)
     harness.pin_threads(args.threads)  # the server inherits the thread variables
     harness.print_machine(sys.argv)
     libs = harness.load_libs(["lorakit"])
@@ -296,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         try:
             with running_server(root / "base", folders, root / "serve.log") as url:
-                reports = run_rounds(url, mixes, args.rounds, args.duration, args.warmup)
+                targets = {case: (url, mixes[case]) for case in CASES}
+                reports = run_rounds(targets, args.rounds, args.duration, args.warmup, RAMP_UP_S)
         except Exception:
             print((root / "serve.log").read_text()[-5000:], file=sys.stderr)
             raise

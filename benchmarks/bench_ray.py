@@ -25,7 +25,6 @@ Run from the repository root:
 
 from __future__ import annotations
 
-import argparse
 import gc
 import socket
 import statistics
@@ -40,7 +39,7 @@ import harness
 # isort: split
 import bench_load
 import bench_serving
-from lorakit.serve.loadgen import LoadReport, LoadRequest, run_load_sync, wait_until_ready
+from lorakit.serve.loadgen import LoadReport, wait_until_ready
 
 CASE = "mixed"  # bench_load's mix: 8 adapters, base rows and two blends
 SETUPS = ("server", "ray 2x1", "ray 1x2")
@@ -93,22 +92,6 @@ def running_ray(base: Path, adapters_root: Path, threads: int) -> Iterator[dict[
         ray.shutdown()
 
 
-def run_rounds(
-    urls: dict[str, str], mix: list[LoadRequest], rounds: int, duration_s: float, warmup_s: float
-) -> dict[str, list[LoadReport]]:
-    """Each setup for `duration_s` per round, interleaved, after an untimed warm-up of each."""
-    clients = bench_load.CLIENTS
-    for setup in SETUPS:
-        run_load_sync(urls[setup], mix, clients=clients, duration_s=warmup_s).check()
-    reports: dict[str, list[LoadReport]] = {setup: [] for setup in SETUPS}
-    for number in range(rounds):
-        for setup in SETUPS:
-            report = run_load_sync(urls[setup], mix, clients=clients, duration_s=duration_s)
-            print(f"round {number + 1}, {setup}: {report.summary().splitlines()[1]}", flush=True)
-            reports[setup].append(report)
-    return reports
-
-
 def print_results(reports: dict[str, list[LoadReport]]) -> None:
     """The per-setup table, the paired ratios against `server` and the N-machine estimate."""
     rows = []
@@ -148,22 +131,7 @@ def print_results(reports: dict[str, list[LoadReport]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per setup per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
-    parser.add_argument("--warmup", type=float, default=5.0, help="untimed seconds per setup")
-    parser.add_argument(
-        "--threads", type=int, default=harness.DEFAULT_THREADS, help="torch threads of `server`"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="one round of 4 s: only checks that it runs"
-    )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.duration, args.rounds, args.warmup = 4.0, 1, 2.0
-    if args.rounds < 1 or args.duration <= 0:
-        raise SystemExit(f"--rounds must be >= 1 and --duration > 0; got {args.rounds}, "
-                         f"{args.duration}")  # fmt: skip
+    args = bench_load.parse_round_arguments(argv, __doc__.splitlines()[0], 20.0, 0.0)
     harness.pin_threads(args.threads)  # the server inherits the thread variables
     harness.print_machine(sys.argv)
     libs = harness.load_libs(["lorakit"])
@@ -183,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                 running_ray(root / "base", root / "adapters", args.threads) as ray_urls,
             ):
                 urls = {"server": server_url, **ray_urls}
-                reports = run_rounds(urls, mix, args.rounds, args.duration, args.warmup)
+                targets = {setup: (urls[setup], mix) for setup in SETUPS}
+                reports = bench_load.run_rounds(
+                    targets, args.rounds, args.duration, args.warmup, ramp_up_s=0.0
+                )
         except Exception:
             print(log.read_text()[-5000:], file=sys.stderr)
             raise
