@@ -37,3 +37,14 @@ def minilm(minilm_dir: Path) -> torch.nn.Module:
 @pytest.fixture
 def llama() -> torch.nn.Module:
     return tiny_llama()
+
+
+@pytest.fixture
+def onednn_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every frozen base product of the test through oneDNN, however small (tiny models' products
+    are under `ops.frozen_linear`'s size threshold and would otherwise stay on F.linear)."""
+    from lorakit.ops import frozen_linear
+
+    if frozen_linear.onednn_linear_op() is None:
+        pytest.skip("this torch build has no working oneDNN linear")
+    monkeypatch.setattr(frozen_linear, "MIN_MULTIPLY_ADDS", 0)

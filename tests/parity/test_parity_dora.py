@@ -91,6 +91,16 @@ def _close(got: torch.Tensor, expected: torch.Tensor, rtol: float) -> bool:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_outputs_gradients_and_trainable_counts_equal_peft(name: str) -> None:
+    _check_outputs_gradients_and_counts(name)
+
+
+@pytest.mark.usefixtures("onednn_everywhere")
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_with_every_base_product_on_onednn_outputs_and_gradients_equal_peft(name: str) -> None:
+    _check_outputs_gradients_and_counts(name)
+
+
+def _check_outputs_gradients_and_counts(name: str) -> None:
     pair = _pair(name)
     inputs = _inputs(name)
     results = []

@@ -108,7 +108,13 @@ def _zero_gradient_entries(model: nn.Module, key: str) -> torch.Tensor:
     ],
     ids=["llama-all-linear", "llama-embedding", "gpt2-conv1d-bias", "bert-seq-cls-head"],
 )
-def test_adamw_steps_match_peft(make_base: Callable[[], nn.Module], config: dict[str, Any]) -> None:
+@pytest.mark.parametrize("products", ["auto", "onednn"])
+def test_adamw_steps_match_peft(
+    make_base: Callable[[], nn.Module],
+    config: dict[str, Any],
+    products: str,
+    request: pytest.FixtureRequest,
+) -> None:
     """Same losses, same gradients at every step and the same trained tensors.
 
     An entry with no gradient in exact arithmetic (GPT-2's key bias) is the exception: AdamW
@@ -116,7 +122,12 @@ def test_adamw_steps_match_peft(make_base: Callable[[], nn.Module], config: dict
     per step in a direction that no two fp32 implementations share (a change in lorakit's
     summation order for grad_B moved GPT-2's key biases 2e-4 away from peft's). Such entries
     must get noise in both libraries; their values are not compared.
+
+    With `products="onednn"` every frozen base product of lorakit runs through oneDNN (at
+    these sizes it would stay on F.linear), as on the benchmark models.
     """
+    if products == "onednn":
+        request.getfixturevalue("onednn_everywhere")
     pair = build_pair(
         _without_dropout(make_base), init_lora_weights=False, lora_dropout=0.0, **config
     )

@@ -385,3 +385,15 @@ def test_the_engine_example_in_docs_serving_runs(
     assert lines[0] == f"length {greedy_reference(sql, prompt, 16)}"
     assert lines[2] == f"length {greedy_reference(byte_llama(), prompt, 16)}"
     assert "'per_adapter_requests': {'sql': 2, 'polite': 2, 'base': 1}" in lines[-1]
+
+
+def test_the_engines_plain_linears_run_frozen_products_and_keep_their_keys() -> None:
+    from lorakit.serve.loading import FrozenLinear
+
+    base = byte_llama()
+    engine = Engine.from_pretrained(base, byte_tokenizer())
+    linears = {name for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    converted = {name for name, m in engine.model.named_modules() if type(m) is FrozenLinear}
+    assert converted == linears and "lm_head" in converted
+    assert engine.model.state_dict().keys() == base.state_dict().keys()
+    assert all(type(m) is not FrozenLinear for m in base.modules())  # the caller's model: as it was

@@ -141,9 +141,12 @@ def test_continuous_mixed_batch_greedy_tokens_and_logprobs_equal_merged_models(
     assert len(distinct) >= 6  # the adapters and blends do change the answers
 
 
+@pytest.mark.parametrize("products", ["auto", "onednn"])
 def test_mixed_batch_forward_logits_equal_merged_models_within_1e_4(
-    adapters: dict[str, Path],
+    adapters: dict[str, Path], products: str, request: pytest.FixtureRequest
 ) -> None:
+    if products == "onednn":  # every base product through oneDNN, as on the benchmark model
+        request.getfixturevalue("onednn_everywhere")
     engine = _engine(adapters)
     specs = [
         None,

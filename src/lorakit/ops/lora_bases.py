@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from .frozen_linear import frozen_linear, uses_onednn
 from .nf4 import Quantized4bit, linear_4bit_forward, linear_4bit_input_grad
 
 
@@ -31,8 +32,8 @@ class DenseBase(NamedTuple):
     ) -> torch.Tensor:
         """x Wᵀ + b as a fresh (N, out) tensor the node may write into."""
         assert weight is not None
-        right = weight if self.is_transposed else weight.t()  # (in, out)
-        return x2 @ right if bias is None else torch.addmm(bias, x2, right)
+        weight_out_in = weight.t() if self.is_transposed else weight
+        return frozen_linear(x2, weight_out_in, bias)
 
     def input_grad(
         self, g: torch.Tensor, weight: torch.Tensor | None, into: torch.Tensor | None
@@ -40,10 +41,10 @@ class DenseBase(NamedTuple):
         """g W (N, in), added in place into `into` (a branch's input-gradient) when the dtypes
         agree, else computed in g's dtype with `into` rounded in once."""
         assert weight is not None
-        right = weight.t() if self.is_transposed else weight  # (out, in)
-        if into is not None and into.dtype == g.dtype:
-            return into.addmm_(g, right)
-        return _add_into(into, g @ right)
+        weight_in_out = weight if self.is_transposed else weight.t()  # g W = frozen_linear(g, Wᵀ)
+        if into is not None and into.dtype == g.dtype and not uses_onednn(g, weight_in_out):
+            return into.addmm_(g, weight_in_out.t())
+        return _add_into(into, frozen_linear(g, weight_in_out))
 
     def weight_grad(self, g: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """dL/dW in W's layout: gᵀ x (out, in), or xᵀ g (in, out) when transposed."""
