@@ -5,7 +5,10 @@ Model: the "small" Llama-style base (hidden 512, 8 layers) with 8 all-linear r=1
   decode     one decoding step of 16 rows: the engine's step (KV cache of CONTEXT tokens per
              row) with every row on the base, on one adapter, and spread over the 8 adapters
              (2 rows each); and the forward of 16 single tokens without a cache (the way the
-             issue measured peft's `adapter_names`) for the engine and for peft.
+             issue measured peft's `adapter_names`) for the engine and for peft. Mixed rows
+             come in the order the engine's scheduler keeps its running batch (grouped by
+             adapter, in stack order; peft gets the same rows), and also interleaved (row i
+             on adapter i % 8), for comparison.
   prefill    a 16 x 64 forward: one adapter vs spread over 8 (engine and peft), the rows in
              the order the engine's scheduler gives a prefill (by adapter: 2 rows each); the
              engine also with the rows interleaved (row i on adapter i % 8), for comparison.
@@ -140,8 +143,14 @@ class PeftCases:
                 self.model(input_ids=ids, adapter_names=names, use_cache=False, logits_to_keep=1)
 
 
+def engine_order(engine: EngineCases, names: list[str]) -> list[str]:
+    """`names` in the order the engine's scheduler keeps its running rows (by adapter)."""
+    return sorted(names, key=lambda name: engine.routing.row_order_key(((name, 1.0),)))
+
+
 def decode_cases(engine: EngineCases, peft_cases: PeftCases | None) -> list[harness.Case]:
-    single, mixed = [engine.names[0]] * ROWS, spread(engine.names)
+    single, interleaved = [engine.names[0]] * ROWS, spread(engine.names)
+    mixed = engine_order(engine, interleaved)
     cases = [
         harness.Case("engine step base", lambda: engine.decode_step(None), number=CALLS_PER_ROUND),
         harness.Case(
@@ -151,6 +160,11 @@ def decode_cases(engine: EngineCases, peft_cases: PeftCases | None) -> list[harn
             "engine step 8 adapters", lambda: engine.decode_step(mixed), number=CALLS_PER_ROUND
         ),
         harness.Case(
+            "engine step 8 adapters, interleaved",
+            lambda: engine.decode_step(interleaved),
+            number=CALLS_PER_ROUND,
+        ),
+        harness.Case(
             "engine no-cache 1 adapter",
             lambda: engine.forward(engine.step_ids, single),
             number=CALLS_PER_ROUND,
@@ -158,6 +172,11 @@ def decode_cases(engine: EngineCases, peft_cases: PeftCases | None) -> list[harn
         harness.Case(
             "engine no-cache 8 adapters",
             lambda: engine.forward(engine.step_ids, mixed),
+            number=CALLS_PER_ROUND,
+        ),
+        harness.Case(
+            "engine no-cache 8 adapters, interleaved",
+            lambda: engine.forward(engine.step_ids, interleaved),
             number=CALLS_PER_ROUND,
         ),
     ]
@@ -178,6 +197,11 @@ def decode_cases(engine: EngineCases, peft_cases: PeftCases | None) -> list[harn
                 lambda: peft_cases.forward(engine.step_ids, mixed),
                 number=CALLS_PER_ROUND,
             ),
+            harness.Case(
+                "peft no-cache 8 adapters, interleaved",
+                lambda: peft_cases.forward(engine.step_ids, interleaved),
+                number=CALLS_PER_ROUND,
+            ),
         ]
     return cases
 
@@ -191,7 +215,7 @@ def prefill_cases(engine: EngineCases, peft_cases: PeftCases | None) -> list[har
     single, interleaved = [engine.names[0]] * ROWS, spread(engine.names)
     # The scheduler orders a prefill's rows by adapter (serve.scheduler); both libraries get
     # the rows in that order.
-    mixed = sorted(interleaved)
+    mixed = engine_order(engine, interleaved)
     ids = engine.prefill_ids
     cases = [
         harness.Case("engine prefill 1 adapter", lambda: engine.forward(ids, single)),
@@ -295,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     if peft_cases is not None:
         figures["peft no-cache mixed / engine no-cache mixed (throughput)"] = decode.paired_ratio(
             "peft no-cache 8 adapters", "engine no-cache 8 adapters"
+        )
+        figures["the same, rows interleaved"] = decode.paired_ratio(
+            "peft no-cache 8 adapters, interleaved", "engine no-cache 8 adapters, interleaved"
         )
         figures["peft no-cache mixed / single"] = decode.paired_ratio(
             "peft no-cache 8 adapters", "peft no-cache 1 adapter"

@@ -6,7 +6,7 @@ import torch
 
 from lorakit.ops.gathered_lora import (
     gathered_lora_delta,
-    grouped_lora_delta,
+    grouped_lora_add_,
     stacked_lora_delta,
 )
 
@@ -48,7 +48,7 @@ def test_stacked_and_gathered_routes_equal_the_per_row_sum_of_adapter_updates() 
     assert expected[0].abs().max() > 0.1
 
 
-def test_grouped_route_equals_each_rows_adapter_update_and_base_rows_get_zeros() -> None:
+def test_grouped_route_adds_each_rows_adapter_update_and_leaves_base_rows_alone() -> None:
     generator = torch.Generator().manual_seed(1)
     n, r, n_in, n_out, seq = 3, 4, 7, 5, 2
     A = torch.randn(n, r, n_in, generator=generator, dtype=torch.float64)
@@ -56,17 +56,34 @@ def test_grouped_route_equals_each_rows_adapter_update_and_base_rows_get_zeros()
     # rows: group 2; base; group 0 weight 0.5; group 2 weight -1.5; group 0. Group 1 unused.
     groups, weights = [2, None, 0, 2, 0], [1.0, 0.0, 0.5, -1.5, 1.0]
     x = torch.randn(len(groups), seq, n_in, generator=generator, dtype=torch.float64)
+    y = torch.randn(len(groups), seq, n_out, generator=generator, dtype=torch.float64)
     size = 2  # the largest group
-    sources = torch.tensor([2, 4, 0, 0, 0, 3])  # group 1 and padding repeat rows
-    targets = torch.tensor([4, 0, 0, 5, 1])
-    got = grouped_lora_delta(
-        x, A, B_t, sources, targets, torch.tensor(weights, dtype=torch.float64)
-    )
+    # Group 0: rows 2, 4; group 1 (unused): padding repeating row 0; group 2: rows 0, 3.
+    sources = torch.tensor([2, 4, 0, 0, 0, 3])
+    position_weights = torch.tensor([0.5, 1.0, 0.0, 0.0, 1.0, -1.5], dtype=torch.float64)
+    got = y.clone()
+    grouped_lora_add_(got, x, A, B_t, sources, position_weights)
     assert sources.numel() == n * size
     for row, group in enumerate(groups):
         if group is None:
-            assert torch.equal(got[row], torch.zeros(seq, n_out, dtype=torch.float64))
+            assert torch.equal(got[row], y[row])
             continue
         expected = weights[row] * x[row] @ A[group].t() @ B_t[group]
-        assert (got[row] - expected).abs().max() < EXACT_ATOL
+        assert (got[row] - y[row] - expected).abs().max() < EXACT_ATOL
         assert expected.abs().max() > 0.1
+
+
+def test_grouped_route_on_rows_already_in_group_order_adds_in_place() -> None:
+    generator = torch.Generator().manual_seed(2)
+    n, r, n_in, n_out, seq = 3, 4, 7, 5, 1
+    A = torch.randn(n, r, n_in, generator=generator, dtype=torch.float64)
+    B_t = torch.randn(n, r, n_out, generator=generator, dtype=torch.float64)
+    x = torch.randn(2 * n, seq, n_in, generator=generator, dtype=torch.float64)
+    y = torch.randn(2 * n, seq, n_out, generator=generator, dtype=torch.float64)
+    got = y.clone()
+    storage = got.data_ptr()
+    grouped_lora_add_(got, x, A, B_t, None, None)  # rows 2g and 2g + 1 on group g, weight 1
+    assert got.data_ptr() == storage
+    for row in range(2 * n):
+        expected = x[row] @ A[row // 2].t() @ B_t[row // 2]
+        assert (got[row] - y[row] - expected).abs().max() < EXACT_ATOL

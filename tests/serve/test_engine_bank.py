@@ -17,7 +17,7 @@ from engine_support import (
 )
 from lorakit.errors import ServeError
 from lorakit.io.errors import CorruptAdapterFileError
-from lorakit.ops.gathered_lora import Slice, grouped_lora_delta, sliced_lora_add_
+from lorakit.ops.gathered_lora import Slice, grouped_lora_add_, sliced_lora_add_
 from lorakit.serve import Engine, SamplingParams
 from lorakit.serve.bank import AdapterBank
 from lorakit.serve.types import AdapterSpec
@@ -168,11 +168,12 @@ def test_decoding_rows_of_same_rank_adapters_takes_the_grouped_route_and_stays_e
 ) -> None:
     calls: list[int] = []
 
-    def counting(*args: torch.Tensor) -> torch.Tensor:
+    def counting(*args: torch.Tensor | None) -> None:
+        assert args[0] is not None
         calls.append(args[0].shape[0])
-        return grouped_lora_delta(*args)
+        grouped_lora_add_(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(routing_module, "grouped_lora_delta", counting)
+    monkeypatch.setattr(routing_module, "grouped_lora_add_", counting)
     engine = _engine()
     engine.load_adapter("a", folders["a"])
     engine.load_adapter("c", folders["c"])
@@ -183,13 +184,68 @@ def test_decoding_rows_of_same_rank_adapters_takes_the_grouped_route_and_stays_e
         for i, spec in enumerate(specs)
     ]
     engine._run_inline(handles)
-    # q_proj and v_proj of 2 layers, 5 decoding steps of 5 rows (prefill: 5 rows too).
-    assert calls.count(5) >= 4 * 5
+    # q_proj and v_proj of 2 layers, 5 decoding steps (the scheduler orders the rows by
+    # adapter, base row last, so the op sees the 4 adapter rows in place).
+    assert len(calls) >= 4 * 5 and set(calls) <= {4, 5}
     for i, (spec, handle) in enumerate(zip(specs, handles, strict=True)):
         blend = {} if spec is None else {spec: 1.0} if isinstance(spec, str) else spec
         assert isinstance(blend, dict)
         reference = merged_by_hand(byte_llama(), {folders[n]: w for n, w in blend.items()})
         assert [e.token_id for e in handle] == greedy_reference(reference, prompt[: 3 + i % 3], 6)
+
+
+def test_decoding_rows_already_grouped_by_adapter_skip_the_regrouping_and_stay_exact(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_order: list[bool] = []
+
+    def recording(*args: torch.Tensor | None) -> None:
+        in_order.append(args[4] is None and args[5] is None)  # sources, weights
+        grouped_lora_add_(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(routing_module, "grouped_lora_add_", recording)
+    engine = _engine()
+    engine.load_adapter("a", folders["a"])
+    engine.load_adapter("c", folders["c"])
+    specs: list[AdapterSpec] = ["a", "a", "c", "c"]  # two rows per adapter, in stack order
+    prompt = [104, 101, 108, 108, 111]
+    handles = [engine.submit(prompt, spec, SamplingParams(max_tokens=5)) for spec in specs]
+    engine._run_inline(handles)
+    assert in_order and all(in_order)
+    for spec, handle in zip(specs, handles, strict=True):
+        assert isinstance(spec, str)
+        reference = merged_by_hand(byte_llama(), {folders[spec]: 1.0})
+        assert [e.token_id for e in handle] == greedy_reference(reference, prompt, 5)
+
+
+def test_running_rows_stay_grouped_by_adapter_in_stack_order_with_base_rows_last(
+    folders: dict[str, Path],
+) -> None:
+    engine = _engine(reserve_rank=32)
+    for name in ("c", "a", "d"):  # stack order c, a, d (not the names' order)
+        engine.load_adapter(name, folders[name])
+    prompt = [104, 101, 108, 108, 111]
+    sampling = SamplingParams(max_tokens=8)
+    first: list[AdapterSpec] = ["a", None, "d", "c", "a"]
+    handles = [engine.submit(prompt, spec, sampling) for spec in first]
+    engine._run_steps(2)
+    order = [s.choice for s in engine._scheduler.running]
+    assert [c[0][0] if c else None for c in order] == ["c", "a", "a", "d", None]
+    # A hot load while rows run, then joins that interleave adapters and base rows again.
+    engine.load_adapter("b", folders["b"])  # stack order c, a, d, b
+    joined: list[AdapterSpec] = ["b", None, "d"]
+    handles += [engine.submit(prompt[:3], spec, sampling) for spec in joined]
+    engine._run_steps(1)
+    names = [c[0][0] if c else None for c in (s.choice for s in engine._scheduler.running)]
+    assert engine._banks.stack_order() == ["c", "a", "d", "b"]
+    assert names == ["c", "a", "a", "d", "d", "b", None, None]
+    engine._run_inline(handles)
+    specs = first + joined
+    prompts = [prompt] * len(first) + [prompt[:3]] * len(joined)
+    for spec, used_prompt, handle in zip(specs, prompts, handles, strict=True):
+        blend = {} if spec is None else {folders[spec]: 1.0}  # type: ignore[index]
+        reference = merged_by_hand(byte_llama(), blend)
+        assert [e.token_id for e in handle] == greedy_reference(reference, used_prompt, 8)
 
 
 def test_sliced_lora_add_adds_each_slices_update_in_place_float64() -> None:

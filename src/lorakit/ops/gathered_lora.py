@@ -18,10 +18,11 @@ Four equal routes compute it for a batch x (rows, seq, in):
 - `gathered_lora_delta`: each row gathers only the k columns it uses (its adapters' rows of
   A_cat and columns of B_cat, zero-coefficient padding to the longest row), then batched
   matmuls; its work does not grow with the adapters loaded.
-- `grouped_lora_delta`: when every row uses one adapter (or none) and those adapters share a
+- `grouped_lora_add_`: when every row uses one adapter (or none) and those adapters share a
   rank r, the rows are regrouped per adapter (n groups of m rows, padded) and two batched
   matmuls run against the stacks viewed as (n, r, in) and (n, r, out), without copying any
-  factor; each row reads only its own adapter's columns, best for mixed decoding.
+  factor, the result added into y in place; each row reads only its own adapter's columns,
+  best for mixed decoding.
 - `sliced_lora_add_`: when consecutive rows share their choice, each such slice of rows (a
   view of x, no copy) is multiplied by its own adapters' factors (read in place) and the
   result added into y in place; two products per slice and adapter, whatever the other rows
@@ -66,28 +67,41 @@ def gathered_lora_delta(
     return torch.bmm(hidden, B_rows)
 
 
-def grouped_lora_delta(
+def grouped_lora_add_(
+    y: torch.Tensor,
     x: torch.Tensor,
     A: torch.Tensor,
     B_t: torch.Tensor,
-    sources: torch.Tensor,
-    targets: torch.Tensor,
-    weights: torch.Tensor,
-) -> torch.Tensor:
-    """Δy[row] = w[row] · B_g A_g x[row], g the group (adapter) of the row.
+    sources: torch.Tensor | None,
+    weights: torch.Tensor | None,
+) -> None:
+    """y[row] += w · (x[row] A_gᵀ) B_g for each row, g the group (adapter) of the row, in place.
 
-    The n·m grouped positions hold x[sources[p]] (group p // m); row `row` reads its result at
-    position targets[row]. Padding positions may repeat any row: no target reads them.
+    The n·m grouped positions hold x[sources[p]] (group p // m); position p's result is
+    scaled by weights[p] (0 on padding positions, which may repeat any row: they add exact
+    zeros) and added into row sources[p]. sources None: the rows are already grouped in
+    order (position p is row p), so no row is copied and the last product adds into y itself.
+    weights None: every weight is 1.
 
-    Shapes: x (rows, seq, in), A (n, r, in), B_t (n, r, out) (B_g^T per group), sources (n·m,)
-    and targets (rows,) indices, weights (rows,) -> (rows, seq, out).
+    Shapes: y (rows, seq, out) contiguous, x (rows, seq, in), A (n, r, in), B_t (n, r, out)
+    (B_g^T per group), sources and weights (n·m,).
     """
     n, _, out_features = B_t.shape
-    rows, seq, in_features = x.shape
-    grouped = x.index_select(0, sources).view(n, -1, in_features)  # (n, m·seq, in)
+    seq, in_features = x.shape[1:]
+    if sources is None:
+        grouped = x.reshape(n, -1, in_features)  # (n, m·seq, in), a view for contiguous x
+    else:
+        grouped = x.index_select(0, sources).view(n, -1, in_features)  # (n, m·seq, in)
     hidden = torch.bmm(grouped, A.transpose(1, 2))  # (n, m·seq, r)
-    y = torch.bmm(hidden, B_t).view(-1, seq, out_features)  # (n·m, seq, out)
-    return y.index_select(0, targets) * weights.view(rows, 1, 1)
+    if weights is not None:
+        hidden = (hidden.view(weights.shape[0], seq, -1) * weights.view(-1, 1, 1)).view(
+            n, -1, hidden.shape[-1]
+        )
+    if sources is None:
+        y.view(n, -1, out_features).baddbmm_(hidden, B_t)
+    else:
+        update = torch.bmm(hidden, B_t).view(-1, seq, out_features)  # (n·m, seq, out)
+        y.index_add_(0, sources, update)
 
 
 # One slice of the sliced route: (first row, end row, first stacked row, rank, weight).

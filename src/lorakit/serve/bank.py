@@ -16,7 +16,7 @@ from torch import nn
 
 from lorakit.errors import ServeError
 from lorakit.serve.adapters import AdapterWeights, module_features
-from lorakit.serve.routing import BatchRouting, Layout
+from lorakit.serve.routing import BatchRouting, Layout, RowPlan
 
 # Capacity of a full bank's stacks is multiplied by this when an adapter does not fit, so a
 # load copies the other adapters' factors only when the stacks grow (amortised O(1) per load).
@@ -52,6 +52,8 @@ class AdapterBank(nn.Module):
         self.layout: Layout = ()
         self.A: torch.Tensor | None = None
         self.B_t: torch.Tensor | None = None
+        # The routing's plan for this layout: (routing version, layout, plan) when read.
+        self._plan: tuple[int, Layout, RowPlan | None] = (-1, (), None)
 
     @property
     def capacity(self) -> int:
@@ -145,7 +147,10 @@ class AdapterBank(nn.Module):
         result = self.base_layer(x)
         if self.A is None or self.B_t is None or not self.layout:
             return result
-        plan = self.routing.plan(self.layout, self.A.dtype, self.A.device)
+        version, layout, plan = self._plan
+        if version != self.routing.version or layout is not self.layout:
+            plan = self.routing.plan(self.layout, self.A.dtype, self.A.device)
+            self._plan = (self.routing.version, self.layout, plan)
         if plan is None:
             return result
         rows = len(self.routing.choices)
@@ -158,12 +163,16 @@ class AdapterBank(nn.Module):
                 "adapter that does not target this module, or merge it with `lorakit merge`."
             )
         # (rows, seq, in), also from inputs flattened to (rows * seq, in), rows outermost.
-        x3 = x.reshape(rows, -1, self.in_features).to(self.A.dtype)
+        dtype = self.A.dtype
+        x3 = x.reshape(rows, -1, self.in_features)
+        if x3.dtype != dtype:
+            x3 = x3.to(dtype)
         # The base's fresh output takes the update in place (a copy only to change its dtype
         # or layout); (rows, seq, out) like x3.
-        y = result.to(self.A.dtype).contiguous()
+        y = result if result.dtype == dtype else result.to(dtype)
+        y = y.contiguous()
         plan.add_delta_(y.view(rows, -1, self.out_features), x3, self.A, self.B_t)
-        return y.to(result.dtype)
+        return y if y.dtype == result.dtype else y.to(result.dtype)
 
 
 class HeadBank(nn.Module):
@@ -226,6 +235,7 @@ class ModelBanks:
                 self._install(path, self.heads[path])
             self.heads[path].add(name, state)
         self._routing.invalidate()
+        self._routing.set_stack_order(self.stack_order())
 
     def factor_bytes(self) -> tuple[int, int]:
         """Bytes of the layer banks' stacks: (rows adapters own, rows free or reserved)."""
@@ -245,6 +255,16 @@ class ModelBanks:
         for head in self.heads.values():
             head.remove(name)
         self._routing.invalidate()
+        self._routing.set_stack_order(self.stack_order())
+
+    def stack_order(self) -> list[str]:
+        """The adapters in the order of their rows in the stacks: each bank's layout order,
+        banks taken in the order they were made (adapters of the same modules, the common
+        case, share one order)."""
+        names: dict[str, None] = {}
+        for bank in self.layers.values():
+            names.update((name, None) for name, _, _ in bank.layout)
+        return list(names)
 
     def _install(self, path: str, module: nn.Module) -> None:
         """Put `module` in the model at `path`, in place of the original module."""

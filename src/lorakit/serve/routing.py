@@ -9,14 +9,14 @@ composition: the batch changes only when rows join or leave, so decoding steps r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lorakit.ops.gathered_lora import (
     Slice,
     gathered_lora_delta,
-    grouped_lora_delta,
+    grouped_lora_add_,
     sliced_lora_add_,
     stacked_lora_delta,
 )
@@ -47,29 +47,34 @@ class GroupedPlan:
         last: One past its last row; the span holds (last - first) / rank groups.
         rank: The adapters' common rank.
         size: Rows per group (m), padded to the largest group.
-        sources: (groups · size,): the batch row at each grouped position.
-        targets: (rows,): each row's grouped position (0 for base rows).
-        weights: (rows,): each row's weight on its adapter (0 for base rows).
+        sources: (groups · size,): the batch row at each grouped position; None when the
+            rows are already in that order (position p is row p, the base rows after all
+            grouped ones: nothing to regroup). The scheduler keeps its rows so ordered.
+        weights: (groups · size,): each position's weight on its group's adapter (0 on
+            padding); None when every one is 1.
     """
 
     first: int
     last: int
     rank: int
     size: int
-    sources: torch.Tensor
-    targets: torch.Tensor
-    weights: torch.Tensor
+    sources: torch.Tensor | None
+    weights: torch.Tensor | None
 
     def cost(self, rows: int, seq: int) -> float:
         """Multiply-adds per feature, plus REGROUP_COST per token for regrouping the inputs."""
-        return (self.last - self.first) * (self.size * seq + 1) + REGROUP_COST * rows * seq
+        regroup = 0.0 if self.sources is None else REGROUP_COST * rows * seq
+        return (self.last - self.first) * (self.size * seq + 1) + regroup
 
-    def delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """The rows' updates: the stacks' span viewed per group, no factor copied."""
+    def add_(self, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B_t: torch.Tensor) -> None:
+        """Add the rows' updates into y: the stacks' span viewed per group, no factor copied."""
         groups = (self.last - self.first) // self.rank
         A_groups = A[self.first : self.last].view(groups, self.rank, A.shape[1])
-        B_groups = B.t()[self.first : self.last].view(groups, self.rank, B.shape[0])
-        return grouped_lora_delta(x, A_groups, B_groups, self.sources, self.targets, self.weights)
+        B_groups = B_t[self.first : self.last].view(groups, self.rank, B_t.shape[1])
+        if self.sources is None:  # rows in group order, base rows after them: views only
+            positions = groups * self.size
+            y, x = y[:positions], x[:positions]
+        grouped_lora_add_(y, x, A_groups, B_groups, self.sources, self.weights)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,27 @@ class RowPlan:
     grouped: GroupedPlan | None = None
     slices: tuple[Slice, ...] = ()
     sliced_rank_rows: int = 0
+    # The route chosen per (rows, seq): every layer of one layout asks the same question.
+    _routes: dict[tuple[int, int], str] = field(default_factory=dict, compare=False, repr=False)
+
+    def route(self, rows: int, seq: int) -> str:
+        """The cheapest route for x (rows, seq, in): see `add_delta_`."""
+        route = self._routes.get((rows, seq))
+        if route is None:
+            span, k = self.last - self.first, self.columns.shape[1]
+            add_cost = ADD_COST * rows * seq
+            costs = {
+                "stacked": span * (rows * seq + 1) + add_cost,
+                "gathered": k * (rows * seq + COPY_COST * rows) + add_cost,
+                "sliced": self.sliced_rank_rows * seq + SLICE_COST * len(self.slices),
+            }
+            # Grouped serves decoding steps only: with seq > 1 its batched products ran far
+            # slower than its cost says (12 ms against sliced's 1.4 ms for 16 x 64 tokens,
+            # one layer).
+            if self.grouped is not None and seq == 1:
+                costs["grouped"] = self.grouped.cost(rows, seq)
+            route = self._routes[rows, seq] = min(costs, key=costs.__getitem__)
+        return route
 
     def add_delta_(
         self, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B_t: torch.Tensor
@@ -109,24 +135,12 @@ class RowPlan:
         adapter's rows by its own columns, read in place; sliced multiplies each run of rows
         sharing a choice by its adapters' columns, read in place, adding into y.
         """
-        rows, seq, _ = x.shape
-        span, k = self.last - self.first, self.columns.shape[1]
-        add_cost = ADD_COST * rows * seq
-        costs = {
-            "stacked": span * (rows * seq + 1) + add_cost,
-            "gathered": k * (rows * seq + COPY_COST * rows) + add_cost,
-            "sliced": self.sliced_rank_rows * seq + SLICE_COST * len(self.slices),
-        }
-        # Grouped serves decoding steps only: with seq > 1 its batched products ran far slower
-        # than its cost says (12 ms against sliced's 1.4 ms for 16 x 64 tokens, one layer).
-        if self.grouped is not None and seq == 1:
-            costs["grouped"] = self.grouped.cost(rows, seq) + add_cost
-        route = min(costs, key=costs.__getitem__)
+        route = self.route(x.shape[0], x.shape[1])
         if route == "sliced":
             sliced_lora_add_(y, x, A, B_t, list(self.slices))
         elif route == "grouped":
             assert self.grouped is not None
-            y.add_(self.grouped.delta(x, A, B_t.t()))
+            self.grouped.add_(y, x, A, B_t)
         elif route == "stacked":
             A_used, B_used = A[self.first : self.last], B_t[self.first : self.last].t()
             y.add_(stacked_lora_delta(x, A_used, B_used, self.coefficients))
@@ -220,22 +234,27 @@ def _grouped_plan(
     first_group, last_group = min(members), max(members) + 1
     size = max(len(rows) for rows in members.values())
     sources: list[int] = []
-    targets = [0] * len(choices)
-    weights = [0.0] * len(choices)
+    weights: list[float] = []
     for group in range(first_group, last_group):
         rows = members.get(group, [])
-        for index, row in enumerate(rows):
-            targets[row] = len(sources) + index
-            weights[row] = row_adapters[row][0][1]
-        sources += rows + [rows[0] if rows else 0] * (size - len(rows))
+        padding = size - len(rows)
+        sources += rows + [rows[0] if rows else 0] * padding
+        weights += [row_adapters[row][0][1] for row in rows] + [0.0] * padding
     return GroupedPlan(
         first=first_group * rank,
         last=last_group * rank,
         rank=rank,
         size=size,
-        sources=torch.tensor(sources, dtype=torch.long, device=device),
-        targets=torch.tensor(targets, dtype=torch.long, device=device),
-        weights=torch.tensor(weights, dtype=torch.float32).to(device, dtype),
+        sources=(
+            None
+            if sources == list(range(len(sources)))
+            else torch.tensor(sources, dtype=torch.long, device=device)
+        ),
+        weights=(
+            None
+            if all(weight == 1.0 for weight in weights)
+            else torch.tensor(weights, dtype=torch.float32).to(device, dtype)
+        ),
     )
 
 
@@ -249,7 +268,24 @@ class BatchRouting:
     def __init__(self) -> None:
         self.choices: tuple[RowChoice, ...] = ()
         self.tokens_per_row = 1
+        # Changes whenever the cached plans are dropped, so banks may keep their plan between.
+        self.version = 0
         self._plans: dict[Layout, RowPlan | None] = {}
+        self._stack_order: dict[str, int] = {}
+
+    def set_stack_order(self, names_in_stack_order: Sequence[str]) -> None:
+        """The loaded adapters in the order their factors sit in the stacks (see row_order_key)."""
+        self._stack_order = {name: index for index, name in enumerate(names_in_stack_order)}
+
+    def row_order_key(self, choice: RowChoice) -> tuple[int, ...]:
+        """A sort key that puts rows of one adapter together, adapters in stack order, base rows
+        last: the order in which the grouped route reads rows in place and the sliced route
+        multiplies each adapter's rows as one slice."""
+        if not choice:
+            return (len(self._stack_order),)
+        return tuple(
+            sorted(self._stack_order.get(name, len(self._stack_order)) for name, _ in choice)
+        )
 
     def set_rows(self, choices: Sequence[RowChoice], tokens_per_row: int) -> None:
         """Route the next forwards' rows (in batch order), each `tokens_per_row` tokens long.
@@ -260,11 +296,12 @@ class BatchRouting:
         choices = tuple(choices)
         if choices != self.choices:
             self.choices = choices
-            self._plans = {}
+            self.invalidate()
 
     def invalidate(self) -> None:
         """Forget the cached plans (after the banks' layouts change)."""
         self._plans = {}
+        self.version += 1
 
     def plan(self, layout: Layout, dtype: torch.dtype, device: torch.device) -> RowPlan | None:
         """The plan for `layout`, built on first use for the current rows."""
