@@ -3,7 +3,7 @@
 `F.linear` runs float32 on CPU through MKL's sgemm. oneDNN's matmul, which PyTorch ships
 for its compiled graphs, measured 1.1-1.5x faster on this project's CPU (AMD EPYC with
 AVX-512) for the products a frozen base layer runs, and 2x for a 16-row LM head
-(`benchmarks/RESULTS.md`, "oneDNN base products"). It reads the dense weight as it is, so
+(`benchmarks/RESULTS.md`, "Frozen base products"). It reads the dense weight as it is, so
 nothing is repacked or held twice. The op has no autograd formula: it serves inference and
 the hand-written backward passes, where the weight is a constant. Tiny products stay on
 `F.linear`, where oneDNN's fixed cost per call (about 10 µs) outweighs its speed.
