@@ -230,14 +230,47 @@ def test_dora_node_keeps_one_tokens_by_out_tensor_for_backward(p: float) -> None
     m = (torch.rand(7, dtype=torch.float64) + 0.5).requires_grad_()
     n = weight_norm(row_norm_sq(W), weight_times_at(W, A), A, B, 0.5)
     shapes: list[tuple[int, ...]] = []
+    full_size: list[torch.Tensor] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         shapes.append(tuple(tensor.shape))
+        if tensor.shape == (4, 7):
+            full_size.append(tensor)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        _dora_layer(x, W, None, (A.requires_grad_(), B.requires_grad_(), m), n, 0.5, p=p)
+        y = _dora_layer(x, W, None, (A.requires_grad_(), B.requires_grad_(), m), n, 0.5, p=p)
     assert shapes.count((4, 7)) == 1
+    # Without dropout that tensor is the output itself: y = g ⊙ t kept in t's storage.
+    assert (full_size[0].data_ptr() == y.data_ptr()) == (p == 0.0)
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_dora_node_where_a_magnitude_is_zero_keeps_t_and_its_gradients_are_exact(
+    has_bias: bool,
+) -> None:
+    # g = m / n with a zero: t cannot be read back from y = g ⊙ t, so the node keeps t.
+    W, A, B = _factors(6, 5, 2)
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=generator, dtype=torch.float64) if has_bias else None
+    m = torch.rand(6, generator=generator, dtype=torch.float64) + 0.5
+    m[2] = 0.0
+    m.requires_grad_()
+    A.requires_grad_()
+    B.requires_grad_()
+    n = weight_norm(row_norm_sq(W), weight_times_at(W, A.detach()), A.detach(), B.detach(), 0.5)
+    y = _dora_layer(x, W, b, (A, B, m), n, 0.5)
+    expected = _hand_dora(
+        x, W, torch.zeros(6, dtype=torch.float64) if b is None else b, A, B, m, 0.5, None
+    )
+    torch.testing.assert_close(y, expected, rtol=EXACT, atol=EXACT)
+    grad = torch.randn(y.shape, generator=generator, dtype=torch.float64)
+    got = torch.autograd.grad(y, (x, A, B, m), grad)
+    want = torch.autograd.grad(expected, (x, A, B, m), grad)
+    for name, g_got, g_want in zip(["x", "A", "B", "m"], got, want, strict=True):
+        torch.testing.assert_close(g_got, g_want, rtol=EXACT, atol=EXACT, msg=name)
+    assert got[3][2] != 0  # the zero magnitude still gets its gradient
 
 
 def test_dora_node_on_a_bf16_base_with_dropout_equals_the_reference_path() -> None:

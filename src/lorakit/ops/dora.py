@@ -124,10 +124,12 @@ class DoraBranch(NamedTuple):
 
     with g = m / n and x_d = x_kept / (1 - p), running the base once more on x_kept. Each
     (N, out) tensor is formed in place where the previous one is no longer needed: without
-    dropout t is summed into the base output's storage and y is the one new tensor; with
-    dropout t is summed into x_kept Wᵀ's and y into the base output's. Tensors (the node's
+    dropout t is summed into the base output's storage and rescaled there into y (y a new
+    tensor only on a narrower base, or where g has zeros); with dropout t is summed into
+    x_kept Wᵀ's and y into the base output's. Tensors (the node's
     autograd inputs): (A, B, m). Saved for backward: u = x_kept Aᵀ (N, r), t (N, out) for m's
-    gradient (Σ_N grad ⊙ t / n), g (out,) and the packed dropout mask.
+    gradient (Σ_N grad ⊙ t / n), g (out,) and the packed dropout mask; without dropout (and
+    with g nowhere 0) y itself instead of t, t then formed in place and rescaled into y.
 
     Attributes:
         scale: s.
@@ -172,9 +174,15 @@ class DoraBranch(NamedTuple):
         kept = x2 if self.draw is None else self.draw.x_kept
         u = kept.to(A.dtype) @ A.t()  # (N, r)
         su, alpha = scaled_thin_side(u, self.scale)
+        no_mask = torch.empty(0, dtype=torch.bool)
         if self.draw is None:
+            if out.dtype == su.dtype and bool((g != 0).all()):
+                # y = g ⊙ t formed in t's storage, no second (N, out) tensor: backward reads
+                # t ⊙ g from y (grad of m: Σ_N grad ⊙ y / (g·n)).
+                y = out.addmm_(su, B.t(), alpha=alpha).mul_(g)
+                return y, (u, torch.empty(0, dtype=y.dtype), g, no_mask, y)
             y, t = _rescaled(out, su, B.t(), alpha, g)
-            return y, (u, t, g, torch.empty(0, dtype=torch.bool))
+            return y, (u, t, g, no_mask, torch.empty(0, dtype=y.dtype))
         keep = 1.0 / (1.0 - self.p)
         zd = self.base.output(self.draw.x_kept, self.weight, None)  # (N, out): x_kept Wᵀ
         if out.dtype == A.dtype:
@@ -186,7 +194,7 @@ class DoraBranch(NamedTuple):
         y.addcmul_(t, g)
         if y is not out:
             out.copy_(y)
-        return out, (u, t, g, self.draw.saved_mask)
+        return out, (u, t, g, self.draw.saved_mask, torch.empty(0, dtype=t.dtype))
 
     def backward(
         self,
@@ -204,7 +212,8 @@ class DoraBranch(NamedTuple):
         (out, r), so that no other (N, out) tensor is formed for them.
         """
         A, B, m = tensors
-        u, t, factor, saved_mask = saved  # factor: g = m / n (out,)
+        # factor: g = m / n (out,); t (N, out), or y = g ⊙ t with t empty (see forward)
+        u, t, factor, saved_mask, y = saved
         need_x, need_A, need_B, need_m = needs[:4]
         G = g.to(A.dtype)  # the same tensor unless the base runs in another dtype
         keep = 1.0 / (1.0 - self.p)
@@ -215,8 +224,13 @@ class DoraBranch(NamedTuple):
             dropped, kept = rebuilt(x2, saved_mask, self.seed)
         grad_m = spare = None
         if need_m:  # Σ_N grad ⊙ t / n; the product's storage is reused below
-            spare = G * t  # (N, out)
-            grad_m = spare.sum(0).div_(self.n).reshape(m.shape)
+            if t.numel():
+                spare = G * t  # (N, out)
+                grad_m = spare.sum(0).div_(self.n)
+            else:
+                spare = G * y
+                grad_m = spare.sum(0).div_(factor * self.n)
+            grad_m = grad_m.reshape(m.shape)
         G_lora: torch.Tensor
         if self.seed is None:
             G_lora = G_base = torch.mul(G, factor, out=spare)  # also the gradient to x Wᵀ

@@ -136,9 +136,9 @@ def _forward(
     for branch, group in zip(branches, groups, strict=True):
         out, kept = branch.forward(out, x2, group)
         saved.append(kept)
-    if late_bias:
+    if late_bias:  # out of place: a rescaling branch may keep `out` for its backward
         assert bias is not None
-        out.add_(bias)
+        out = out + bias
     return out, saved
 
 
