@@ -194,13 +194,16 @@ def test_decoding_rows_of_same_rank_adapters_takes_the_grouped_route_and_stays_e
         assert [e.token_id for e in handle] == greedy_reference(reference, prompt[: 3 + i % 3], 6)
 
 
-def test_decoding_rows_already_grouped_by_adapter_skip_the_regrouping_and_stay_exact(
+def test_rows_already_grouped_by_adapter_skip_the_regrouping_and_stay_exact(
     folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     in_order: list[bool] = []
+    lengths: set[int] = set()
 
     def recording(*args: torch.Tensor | None) -> None:
         in_order.append(args[4] is None and args[5] is None)  # sources, weights
+        assert args[1] is not None
+        lengths.add(args[1].shape[1])  # x (rows, seq, in)
         grouped_lora_add_(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(routing_module, "grouped_lora_add_", recording)
@@ -212,6 +215,7 @@ def test_decoding_rows_already_grouped_by_adapter_skip_the_regrouping_and_stay_e
     handles = [engine.submit(prompt, spec, SamplingParams(max_tokens=5)) for spec in specs]
     engine._run_inline(handles)
     assert in_order and all(in_order)
+    assert lengths == {1, len(prompt)}  # the prefill (rows in order) took the route too
     for spec, handle in zip(specs, handles, strict=True):
         assert isinstance(spec, str)
         reference = merged_by_hand(byte_llama(), {folders[spec]: 1.0})

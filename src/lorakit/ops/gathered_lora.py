@@ -22,7 +22,7 @@ Four equal routes compute it for a batch x (rows, seq, in):
   rank r, the rows are regrouped per adapter (n groups of m rows, padded) and two batched
   matmuls run against the stacks viewed as (n, r, in) and (n, r, out), without copying any
   factor, the result added into y in place; each row reads only its own adapter's columns,
-  best for mixed decoding.
+  best for mixed decoding, and for prefills whose rows already come in group order.
 - `sliced_lora_add_`: when consecutive rows share their choice, each such slice of rows (a
   view of x, no copy) is multiplied by its own adapters' factors (read in place) and the
   result added into y in place; two products per slice and adapter, whatever the other rows
