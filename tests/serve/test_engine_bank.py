@@ -252,6 +252,24 @@ def test_running_rows_stay_grouped_by_adapter_in_stack_order_with_base_rows_last
         assert [e.token_id for e in handle] == greedy_reference(reference, used_prompt, 8)
 
 
+def test_rows_of_one_adapter_with_different_weights_sit_together_by_weight(
+    folders: dict[str, Path],
+) -> None:
+    engine = _engine()
+    engine.load_adapter("a", folders["a"])
+    specs: list[AdapterSpec] = [{"a": 0.5}, "a", {"a": 0.5}, "a"]
+    prompt = [104, 101, 108, 108, 111]
+    handles = [engine.submit(prompt, spec, SamplingParams(max_tokens=4)) for spec in specs]
+    engine._run_steps(1)
+    choices = [s.choice for s in engine._scheduler.running]
+    assert choices == [(("a", 0.5),), (("a", 0.5),), (("a", 1.0),), (("a", 1.0),)]
+    engine._run_inline(handles)
+    for spec, handle in zip(specs, handles, strict=True):
+        weight = 1.0 if spec == "a" else 0.5
+        reference = merged_by_hand(byte_llama(), {folders["a"]: weight})
+        assert [e.token_id for e in handle] == greedy_reference(reference, prompt, 4)
+
+
 def test_sliced_lora_add_adds_each_slices_update_in_place_float64() -> None:
     generator = torch.Generator().manual_seed(0)
     rows, seq, in_features, out_features = 5, 3, 6, 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,15 +32,20 @@ from lorakit.serve.ray_replica import (
 API_KEY = "ray-key"
 PROMPT = "the cat sat"
 BLEND = {"sql": 0.7, "polite": 0.5}
+ROUTER_CATCH_UP_S = 2.0  # 20 of Ray's pushes of the models each replica holds
 WARM_UP_ROUNDS = 30  # requests per adapter at most before each settles on one replica
 LONG_TOKENS = 4000  # a stream cut after a few tokens: far from done when its client leaves
 PROBES = 400  # short requests at most until the cut stream has left its replica's batch
 # Ray's router skips a replica that does not report its queue within this deadline (0.1 s by
 # default), and a replica whose engine computes on a busy machine can miss it: routing then
-# falls back to any replica. The routing test checks the preference, not that deadline.
+# falls back to any replica. Likewise the router looks for a replica holding the request's
+# model for 1-2 s only, then sends it to the replica with the fewest models (seen failing on a
+# loaded CI machine: a request for "sql" went to the replica holding "polite"). The routing test
+# checks the preference, not those deadlines.
 QUEUE_DEADLINE_ENV = {
     "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "10",
     "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "10",
+    "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "30",
 }
 
 
@@ -201,6 +207,9 @@ def test_adapter_requests_land_on_the_replica_that_holds_the_adapter(http: Any) 
     else:
         pytest.fail(f"adapters did not settle on separate replicas: {sql}, {polite}")
     holders = {"sql": sql[0], "polite": polite[0]}
+    # Replicas push the models they hold to the router every 0.1 s: until the last loads
+    # arrive there, the router may count a replica as holding nothing and pick either one.
+    time.sleep(ROUTER_CATCH_UP_S)
     for _ in range(4):
         for adapter, replica in holders.items():
             assert _replica(_complete(http, adapter, 2)) == (replica, adapter)

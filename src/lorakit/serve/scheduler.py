@@ -159,7 +159,7 @@ class Scheduler:
     def _prefill(self, joined: list[Sequence_]) -> None:
         # Rows of one adapter (or blend) next to each other: the banks' sliced route then
         # multiplies each adapter's rows as one slice.
-        joined = sorted(joined, key=lambda sequence: self.routing.row_order_key(sequence.choice))
+        joined = sorted(joined, key=self._row_key)
         ids, mask, positions = self._left_padded([s.prompt for s in joined])
         self.routing.set_rows([s.choice for s in joined], ids.shape[1])
         output = self._forward(ids, mask, positions, self._cache_class())
@@ -167,11 +167,15 @@ class Scheduler:
         self.running += joined
         self._take_tokens(joined, output.logits[:, -1])
 
+    def _row_key(self, sequence: Sequence_) -> tuple[tuple[int, ...], RowChoice]:
+        """Adapters in stack order (`row_order_key`), then equal choices (weights) together."""
+        return self.routing.row_order_key(sequence.choice), sequence.choice
+
     def _order_rows(self) -> None:
         """Keep the running rows grouped by adapter, in stack order (`row_order_key`), so that
         decoding reads each adapter's rows in place; reorders the cache only when a join or a
         load broke that order."""
-        keys = [self.routing.row_order_key(s.choice) for s in self.running]
+        keys = [self._row_key(s) for s in self.running]
         order = sorted(range(len(keys)), key=keys.__getitem__)
         if order != list(range(len(keys))):
             self.running = [self.running[row] for row in order]
