@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -51,6 +52,25 @@ def _rows(bank: AdapterBank, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     assert bank.A is not None and bank.B_t is not None
     _, start, r = next(s for s in bank.layout if s[0] == name)
     return bank.A[start : start + r].clone(), bank.B_t[start : start + r].clone()
+
+
+def _merged_reference(folders: dict[str, Path], spec: AdapterSpec) -> torch.nn.Module:
+    """The byte Llama with the adapter or blend `spec` merged in by hand (None: the base)."""
+    blend = {} if spec is None else {spec: 1.0} if isinstance(spec, str) else spec
+    return merged_by_hand(byte_llama(), {folders[name]: w for name, w in blend.items()})
+
+
+def _assert_greedy_equals_merged(
+    folders: dict[str, Path],
+    specs: list[AdapterSpec],
+    prompts: list[list[int]],
+    handles: list[Any],
+    max_tokens: int,
+) -> None:
+    """Each finished request's tokens are greedy `generate` of its merged reference."""
+    for spec, prompt, handle in zip(specs, prompts, handles, strict=True):
+        reference = _merged_reference(folders, spec)
+        assert [e.token_id for e in handle] == greedy_reference(reference, prompt, max_tokens)
 
 
 def test_with_a_reserve_a_load_writes_only_its_rows_into_the_same_storage(
@@ -115,8 +135,7 @@ def test_unload_zeroes_freed_rows_a_load_reuses_them_and_outputs_stay_exact(
     prompts = [[104, 101, 108, 108, 111][: 2 + i] for i in range(len(specs))]
     logits = engine.prompt_logits(prompts, specs)
     for spec, prompt, got in zip(specs, prompts, logits, strict=True):
-        blend = {} if spec is None else {spec: 1.0} if isinstance(spec, str) else spec
-        reference = merged_by_hand(byte_llama(), {folders[n]: w for n, w in blend.items()})
+        reference = _merged_reference(folders, spec)
         with torch.no_grad():
             expected = reference(torch.tensor([prompt])).logits[0]
         assert (got - expected).abs().max() < FP32_LOGITS_ATOL, spec
@@ -187,11 +206,8 @@ def test_decoding_rows_of_same_rank_adapters_takes_the_grouped_route_and_stays_e
     # q_proj and v_proj of 2 layers, 5 decoding steps (the scheduler orders the rows by
     # adapter, base row last, so the op sees the 4 adapter rows in place).
     assert len(calls) >= 4 * 5 and set(calls) <= {4, 5}
-    for i, (spec, handle) in enumerate(zip(specs, handles, strict=True)):
-        blend = {} if spec is None else {spec: 1.0} if isinstance(spec, str) else spec
-        assert isinstance(blend, dict)
-        reference = merged_by_hand(byte_llama(), {folders[n]: w for n, w in blend.items()})
-        assert [e.token_id for e in handle] == greedy_reference(reference, prompt[: 3 + i % 3], 6)
+    prompts = [prompt[: 3 + i % 3] for i in range(len(specs))]
+    _assert_greedy_equals_merged(folders, specs, prompts, handles, 6)
 
 
 def test_rows_already_grouped_by_adapter_skip_the_regrouping_and_stay_exact(
@@ -216,10 +232,7 @@ def test_rows_already_grouped_by_adapter_skip_the_regrouping_and_stay_exact(
     engine._run_inline(handles)
     assert in_order and all(in_order)
     assert lengths == {1, len(prompt)}  # the prefill (rows in order) took the route too
-    for spec, handle in zip(specs, handles, strict=True):
-        assert isinstance(spec, str)
-        reference = merged_by_hand(byte_llama(), {folders[spec]: 1.0})
-        assert [e.token_id for e in handle] == greedy_reference(reference, prompt, 5)
+    _assert_greedy_equals_merged(folders, specs, [prompt] * len(specs), handles, 5)
 
 
 def test_running_rows_stay_grouped_by_adapter_in_stack_order_with_base_rows_last(
@@ -246,10 +259,7 @@ def test_running_rows_stay_grouped_by_adapter_in_stack_order_with_base_rows_last
     engine._run_inline(handles)
     specs = first + joined
     prompts = [prompt] * len(first) + [prompt[:3]] * len(joined)
-    for spec, used_prompt, handle in zip(specs, prompts, handles, strict=True):
-        blend = {} if spec is None else {folders[spec]: 1.0}  # type: ignore[index]
-        reference = merged_by_hand(byte_llama(), blend)
-        assert [e.token_id for e in handle] == greedy_reference(reference, used_prompt, 8)
+    _assert_greedy_equals_merged(folders, specs, prompts, handles, 8)
 
 
 def test_rows_of_one_adapter_with_different_weights_sit_together_by_weight(
@@ -264,10 +274,7 @@ def test_rows_of_one_adapter_with_different_weights_sit_together_by_weight(
     choices = [s.choice for s in engine._scheduler.running]
     assert choices == [(("a", 0.5),), (("a", 0.5),), (("a", 1.0),), (("a", 1.0),)]
     engine._run_inline(handles)
-    for spec, handle in zip(specs, handles, strict=True):
-        weight = 1.0 if spec == "a" else 0.5
-        reference = merged_by_hand(byte_llama(), {folders["a"]: weight})
-        assert [e.token_id for e in handle] == greedy_reference(reference, prompt, 4)
+    _assert_greedy_equals_merged(folders, specs, [prompt] * len(specs), handles, 4)
 
 
 def test_sliced_lora_add_adds_each_slices_update_in_place_float64() -> None:
@@ -317,10 +324,7 @@ def test_prefill_orders_rows_by_adapter_so_each_adapter_is_one_slice(
     # One prefill of 6 rows of 11 tokens: in submission order the rows would make 5 slices
     # per layer; ordered by adapter, "a" and "c" are one slice each.
     assert slice_counts == [2] * 4  # q_proj and v_proj of 2 layers
-    for spec, handle in zip(specs, handles, strict=True):
-        blend = {} if spec is None else {folders[str(spec)]: 1.0}
-        reference = merged_by_hand(byte_llama(), blend)
-        assert [e.token_id for e in handle] == greedy_reference(reference, prompt, 1)
+    _assert_greedy_equals_merged(folders, specs, [prompt] * len(specs), handles, 1)
 
 
 def test_a_load_writes_the_files_factors_exactly_read_in_place(
