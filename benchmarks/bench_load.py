@@ -318,7 +318,12 @@ def main(argv: list[str] | None = None) -> int:
             print((root / "serve.log").read_text()[-5000:], file=sys.stderr)
             raise
     print_results(reports)
-    failed = [case for case in CASES if any(r.lost or r.wrong for r in reports[case])]
+    return report_failures(reports)
+
+
+def report_failures(reports: dict[str, list[LoadReport]]) -> int:
+    """Prints the first failures of every case that lost or got wrong answers; 1 if any did."""
+    failed = [case for case, runs in reports.items() if any(r.lost or r.wrong for r in runs)]
     for case in failed:
         for report in reports[case]:
             print(f"{case}: " + "\n".join(report.failures()[:10]), file=sys.stderr)

@@ -159,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             print(log.read_text()[-5000:], file=sys.stderr)
             raise
     print_results(reports)
-    failed = [setup for setup in SETUPS if any(r.lost or r.wrong for r in reports[setup])]
-    for setup in failed:
-        for report in reports[setup]:
-            print(f"{setup}: " + "\n".join(report.failures()[:10]), file=sys.stderr)
-    return 1 if failed else 0
+    return bench_load.report_failures(reports)
 
 
 if __name__ == "__main__":
