@@ -119,8 +119,8 @@ class RowPlan:
             # Grouped serves prefills (seq > 1) only on rows already in group order: regrouping
             # their inputs and outputs ran far slower than its cost says (12 ms against
             # sliced's 1.4 ms for 16 x 64 tokens, one layer); in order (views, one baddbmm_)
-            # it beat sliced (16 x 64 over 8 adapters: 0.977 of one adapter's throughput,
-            # sliced 0.963).
+            # it beat sliced (16 x 64 over 8 adapters, mixed / one adapter's throughput: 1.018
+            # against 0.992; benchmarks/probe_prefill_routes.py).
             if self.grouped is not None and (seq == 1 or self.grouped.sources is None):
                 costs["grouped"] = self.grouped.cost(rows, seq)
             route = self._routes[rows, seq] = min(costs, key=costs.__getitem__)
