@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 
 from .dropout import DropoutDraw, SharedDropout, rebuild, unpack_mask
+from .frozen_linear import frozen_linear
 from .lora_branch import Scale, draw_for, scaled_thin_side
 from .lora_node import NodeBase
 
@@ -55,15 +56,14 @@ def row_norm_sq(W: torch.Tensor) -> torch.Tensor:
     return torch.cat([block.double().square().sum(1) for block in W.split(CAST_ROWS)])
 
 
-@torch.no_grad()
 def weight_times_at(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """P = W Aᵀ (out, r) in A's dtype; a narrower W is widened a block of rows at a time."""
-    if W.dtype == A.dtype:
-        return W @ A.t()
+    """P = W Aᵀ (out, r) in A's dtype; a narrower W is widened a block of rows at a time.
+    Run without autograd (the norm it serves is detached)."""
+    if W.dtype == A.dtype:  # as (A Wᵀ)ᵀ: oneDNN's thin product, 1.1-2.8x MKL's W Aᵀ here
+        return frozen_linear(A, W).t()
     return torch.cat([block.to(A.dtype) @ A.t() for block in W.split(CAST_ROWS)])
 
 
-@torch.no_grad()
 def weight_norm(
     W_row_norm_sq: torch.Tensor,
     P: torch.Tensor,
@@ -73,15 +73,19 @@ def weight_norm(
 ) -> torch.Tensor:
     """n_o = ||W_o + s·(B A)_o|| from ||W_o||² (out,), P = W Aᵀ (out, r), A (r, in), B (out, r).
 
-    n² = ||W_o||² + 2s Σ_j B_oj (P + (s/2)·B A Aᵀ)_oj, the cross and square terms in one
+    n² = ||W_o||² + Σ_j B_oj (2s·P + s²·B A Aᵀ)_oj, the cross and square terms in one
     product, summed in float64 (a negative rounding residue is clamped to 0); returned in A's
-    dtype, without autograd.
+    dtype. Run without autograd (the norm is detached): this runs in every DoRA forward, so
+    it is kept to a few small ops.
     """
     B64 = B.double()
-    s = scale.double() if isinstance(scale, torch.Tensor) else float(scale)
-    half_gram = (A @ A.t()).double().mul_(s / 2)  # (r, r): (s/2)·A Aᵀ
-    Q = torch.addmm(P.double(), B64, half_gram)  # (out, r): P + (s/2)·B A Aᵀ
-    n_sq = (B64 * Q).sum(1).mul_(2 * s).add_(W_row_norm_sq)  # (out,)
+    gram = (A @ A.t()).double()  # (r, r)
+    if isinstance(scale, torch.Tensor):  # compiled: s is a graph input, not a number
+        s = scale.double()
+        terms = torch.addmm(P.double() * (2 * s), B64, gram * (s * s))
+    else:
+        terms = torch.addmm(P.double(), B64, gram, beta=2 * scale, alpha=scale * scale)
+    n_sq = torch.linalg.vecdot(B64, terms).add_(W_row_norm_sq)  # (out,)
     return n_sq.clamp_min_(0).sqrt_().to(A.dtype)
 
 
@@ -166,23 +170,24 @@ class DoraBranch(NamedTuple):
 
     def forward(
         self, out: torch.Tensor, x2: torch.Tensor, tensors: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
         """(y, saved): the DoRA output without bias from `out` = x Wᵀ (N, out), which it
         overwrites, and what backward needs."""
         A, B, m = tensors
         g = m.reshape(-1) / self.n  # (out,)
         kept = x2 if self.draw is None else self.draw.x_kept
-        u = kept.to(A.dtype) @ A.t()  # (N, r)
+        if kept.dtype != A.dtype:
+            kept = kept.to(A.dtype)
+        u = kept @ A.t()  # (N, r)
         su, alpha = scaled_thin_side(u, self.scale)
-        no_mask = torch.empty(0, dtype=torch.bool)
         if self.draw is None:
-            if out.dtype == su.dtype and bool((g != 0).all()):
+            if out.dtype == su.dtype and bool(g.all()):
                 # y = g ⊙ t formed in t's storage, no second (N, out) tensor: backward reads
                 # t ⊙ g from y (grad of m: Σ_N grad ⊙ y / (g·n)).
                 y = out.addmm_(su, B.t(), alpha=alpha).mul_(g)
-                return y, (u, torch.empty(0, dtype=y.dtype), g, no_mask, y)
+                return y, (u, None, g, None, y)
             y, t = _rescaled(out, su, B.t(), alpha, g)
-            return y, (u, t, g, no_mask, torch.empty(0, dtype=y.dtype))
+            return y, (u, t, g, None, None)
         keep = 1.0 / (1.0 - self.p)
         zd = self.base.output(self.draw.x_kept, self.weight, None)  # (N, out): x_kept Wᵀ
         if out.dtype == A.dtype:
@@ -194,14 +199,14 @@ class DoraBranch(NamedTuple):
         y.addcmul_(t, g)
         if y is not out:
             out.copy_(y)
-        return out, (u, t, g, self.draw.saved_mask, torch.empty(0, dtype=t.dtype))
+        return out, (u, t, g, self.draw.saved_mask, None)
 
     def backward(
         self,
         g: torch.Tensor,
         x2: torch.Tensor,
         tensors: tuple[torch.Tensor, ...],
-        saved: tuple[torch.Tensor, ...],
+        saved: tuple[torch.Tensor | None, ...],
         needs: tuple[bool, ...],
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor | None, ...]]:
         """(gradient reaching x Wᵀ: g ⊙ grad without dropout, grad with it; the branch's
@@ -212,22 +217,25 @@ class DoraBranch(NamedTuple):
         (out, r), so that no other (N, out) tensor is formed for them.
         """
         A, B, m = tensors
-        # factor: g = m / n (out,); t (N, out), or y = g ⊙ t with t empty (see forward)
+        # factor: g = m / n (out,); t (N, out), or y = g ⊙ t with t None (see forward)
         u, t, factor, saved_mask, y = saved
+        assert u is not None and factor is not None
         need_x, need_A, need_B, need_m = needs[:4]
         G = g.to(A.dtype)  # the same tensor unless the base runs in another dtype
         keep = 1.0 / (1.0 - self.p)
         c = self.scale * keep
         dropped = kept = None
         if self.seed is not None and (need_x or need_A):
+            assert saved_mask is not None
             rebuilt = self.shared.rebuild if self.shared is not None else rebuild
             dropped, kept = rebuilt(x2, saved_mask, self.seed)
         grad_m = spare = None
         if need_m:  # Σ_N grad ⊙ t / n; the product's storage is reused below
-            if t.numel():
+            if t is not None:
                 spare = G * t  # (N, out)
                 grad_m = spare.sum(0).div_(self.n)
             else:
+                assert y is not None
                 spare = G * y
                 grad_m = spare.sum(0).div_(factor * self.n)
             grad_m = grad_m.reshape(m.shape)

@@ -95,9 +95,9 @@ class LoraBranch(NamedTuple):
 
     def forward(
         self, out: torch.Tensor, x2: torch.Tensor, tensors: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
         """Add c · x_kept Aᵀ Bᵀ (+ s · b_B) into `out` (N, out) in place; return `out` and what
-        backward needs: u (N, r) and the packed dropout mask (empty without dropout)."""
+        backward needs: u (N, r) and the packed dropout mask (None without dropout)."""
         A, B = tensors[0], tensors[1]
         kept = x2 if self.draw is None else self.draw.x_kept
         if kept.dtype != A.dtype:
@@ -113,8 +113,7 @@ class LoraBranch(NamedTuple):
             out.add_(cu @ B.t(), alpha=alpha)  # summed in the wider dtype, rounded once
         else:
             out.add_(torch.addmm(bias_term, cu, B.t(), beta=beta, alpha=alpha))
-        mask = self.draw.saved_mask if self.draw is not None else torch.empty(0, dtype=torch.bool)
-        return out, (u, mask)
+        return out, (u, None if self.draw is None else self.draw.saved_mask)
 
     def _bias_term(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, float]:
         """(b', beta) with beta · b' = s · b_B, or (None, 0) without a bias."""
@@ -129,18 +128,20 @@ class LoraBranch(NamedTuple):
         g: torch.Tensor,
         x2: torch.Tensor,
         tensors: tuple[torch.Tensor, ...],
-        saved: tuple[torch.Tensor, ...],
+        saved: tuple[torch.Tensor | None, ...],
         needs: tuple[bool, ...],
     ) -> BranchGrads:
         """(gradient reaching the base output, this branch's input-gradient or None, gradients
         of `tensors`), for the output gradient g (N, out); `needs` = (x, *tensors)."""
         A, B = tensors[0], tensors[1]
         u, saved_mask = saved
+        assert u is not None
         need_x, need_A, need_B = needs[:3]
         c = self.scale / (1.0 - self.p)
         g_branch = g.to(A.dtype)  # the same tensor unless the base runs in another dtype
         dropped = kept = None
         if self.seed is not None and (need_x or need_A):
+            assert saved_mask is not None
             rebuilt = self.shared.rebuild if self.shared is not None else rebuild
             dropped, kept = rebuilt(x2, saved_mask, self.seed)
         grad_x = grad_A = grad_B = grad_bias = None

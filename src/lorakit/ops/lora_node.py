@@ -23,9 +23,9 @@ the one node:
     needs_base_without_bias: True to receive the base output without its bias (the node adds
         the bias after all branches ran), e.g. DoRA's y = base_nobias · (m/n) + b + ...;
     forward(out, x2, tensors) -> (out, saved): adds the branch into `out` (N, out) in place
-        and returns it with the tensors its backward needs; a branch that rescales the base
-        output (the node's only branch) may return a fresh tensor instead, when keeping the
-        unscaled one for backward saves a pass;
+        and returns it with the tensors its backward needs (None where it has none); a branch
+        that rescales the base output (the node's only branch) may return a fresh tensor
+        instead, when keeping the unscaled one for backward saves a pass;
     for_backward() -> the branch as backward needs it (without forward-only tensors, which
         the node would otherwise keep alive until backward);
     backward(g, x2, tensors, saved, needs) -> (g_base, grad_x, grads): the gradient reaching
@@ -78,7 +78,7 @@ class NodeBranch(Protocol):
 
     def forward(
         self, out: torch.Tensor, x2: torch.Tensor, tensors: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]: ...
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]: ...
 
     def for_backward(self) -> NodeBranch: ...
 
@@ -87,7 +87,7 @@ class NodeBranch(Protocol):
         g: torch.Tensor,
         x2: torch.Tensor,
         tensors: tuple[torch.Tensor, ...],
-        saved: tuple[torch.Tensor, ...],
+        saved: tuple[torch.Tensor | None, ...],
         needs: tuple[bool, ...],
     ) -> BranchGrads: ...
 
@@ -126,7 +126,7 @@ def _forward(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     tensors: Sequence[torch.Tensor],
-) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor | None, ...]]]:
     """(y (N, out), each branch's saved tensors): base output, branches added in place."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     late_bias = bias is not None and any(b.needs_base_without_bias for b in branches)
