@@ -47,7 +47,7 @@ CAST_ROWS = 1024
 
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:
     """A weight or factor as a matrix of rows: (out, in, *k) -> (out, in·k)."""
-    return tensor.reshape(tensor.shape[0], -1)
+    return tensor if tensor.dim() == 2 else tensor.reshape(tensor.shape[0], -1)
 
 
 @torch.no_grad()
@@ -85,8 +85,8 @@ def weight_norm(
         terms = torch.addmm(P.double() * (2 * s), B64, gram * (s * s))
     else:
         terms = torch.addmm(P.double(), B64, gram, beta=2 * scale, alpha=scale * scale)
-    n_sq = torch.linalg.vecdot(B64, terms).add_(W_row_norm_sq)  # (out,)
-    return n_sq.clamp_min_(0).sqrt_().to(A.dtype)
+    n = torch.linalg.vecdot(B64, terms).add_(W_row_norm_sq).clamp_min_(0).sqrt_()  # (out,)
+    return n if n.dtype == A.dtype else n.to(A.dtype)
 
 
 @torch.no_grad()
@@ -174,7 +174,7 @@ class DoraBranch(NamedTuple):
         """(y, saved): the DoRA output without bias from `out` = x Wᵀ (N, out), which it
         overwrites, and what backward needs."""
         A, B, m = tensors
-        g = m.reshape(-1) / self.n  # (out,)
+        g = (m if m.dim() == 1 else m.reshape(-1)) / self.n  # (out,)
         kept = x2 if self.draw is None else self.draw.x_kept
         if kept.dtype != A.dtype:
             kept = kept.to(A.dtype)
@@ -221,7 +221,7 @@ class DoraBranch(NamedTuple):
         u, t, factor, saved_mask, y = saved
         assert u is not None and factor is not None
         need_x, need_A, need_B, need_m = needs[:4]
-        G = g.to(A.dtype)  # the same tensor unless the base runs in another dtype
+        G = g if g.dtype == A.dtype else g.to(A.dtype)  # the adapter's dtype
         keep = 1.0 / (1.0 - self.p)
         c = self.scale * keep
         dropped = kept = None
@@ -234,11 +234,11 @@ class DoraBranch(NamedTuple):
             if t is not None:
                 spare = G * t  # (N, out)
                 grad_m = spare.sum(0).div_(self.n)
-            else:
+            else:  # g·n = m: Σ_N grad ⊙ y / m
                 assert y is not None
                 spare = G * y
-                grad_m = spare.sum(0).div_(factor * self.n)
-            grad_m = grad_m.reshape(m.shape)
+                grad_m = spare.sum(0).div_(m if m.dim() == 1 else m.reshape(-1))
+            grad_m = grad_m if m.dim() == 1 else grad_m.reshape(m.shape)
         G_lora: torch.Tensor
         if self.seed is None:
             G_lora = G_base = torch.mul(G, factor, out=spare)  # also the gradient to x Wᵀ
@@ -256,7 +256,8 @@ class DoraBranch(NamedTuple):
             if need_x:
                 grad_x = grad_u @ A  # (N, in)
         if dropped is None:
-            return G_base.to(g.dtype), grad_x, (grad_A, grad_B, grad_m)
+            G_base = G_base if G_base.dtype == g.dtype else G_base.to(g.dtype)
+            return G_base, grad_x, (grad_A, grad_B, grad_m)
         if grad_x is not None:  # + (g - 1) ⊙ grad through W on the dropped input
             on_dropped = torch.mul(G, (factor - 1) * keep, out=spare).to(g.dtype)
             grad_x = self.base.input_grad(on_dropped, self.weight, grad_x)
