@@ -21,8 +21,11 @@ The norm without the dense (out, in) update: with P = W Aᵀ (out, r) and C = A 
 
 so a step costs one (out, in, r) product and small ones instead of forming s·B A, its sum
 with W and a pass over it. ||W_o||² changes only when W does; callers cache it
-(`row_norm_sq`). The small terms are summed in float64, so the expansion's error is that of
-P's matmul, not of cancellation between the terms.
+(`row_norm_sq`, summed in float64). The other terms are formed in the adapter's dtype
+(float32 at least): P itself carries a float32 matmul's error, of the size of |cross term|·ε,
+and summing the terms in float32 adds an error of the same order, (||W_o||² + |cross term| +
+square term)·ε, so float64 there would buy nothing (and cost a float64 matmul per layer and
+step).
 
 Conv weights (out, in, *k) and adapters (A (r, in, *k), B (out, r, 1, ...)) are the same maths
 on their (out, in·k) and (out, r) views. An embedding (table W (num, dim), A (r, num),
@@ -74,18 +77,19 @@ def weight_norm(
     """n_o = ||W_o + s·(B A)_o|| from ||W_o||² (out,), P = W Aᵀ (out, r), A (r, in), B (out, r).
 
     n² = ||W_o||² + Σ_j B_oj (2s·P + s²·B A Aᵀ)_oj, the cross and square terms in one
-    product, summed in float64 (a negative rounding residue is clamped to 0); returned in A's
-    dtype. Run without autograd (the norm is detached): this runs in every DoRA forward, so
-    it is kept to a few small ops.
+    product, in A's dtype or float32 if narrower (see the module docstring); a negative
+    rounding residue is clamped to 0; returned in A's dtype. Run without autograd (the norm
+    is detached): this runs in every DoRA forward, so it is kept to six small ops.
     """
-    B64 = B.double()
-    gram = (A @ A.t()).double()  # (r, r)
+    dtype = torch.promote_types(A.dtype, torch.float32)
+    A_, B_, P_ = (t if t.dtype == dtype else t.to(dtype) for t in (A, B, P))
+    gram = A_ @ A_.t()  # (r, r)
     if isinstance(scale, torch.Tensor):  # compiled: s is a graph input, not a number
-        s = scale.double()
-        terms = torch.addmm(P.double() * (2 * s), B64, gram * (s * s))
+        s = scale.to(dtype)
+        terms = torch.addmm(P_ * (2 * s), B_, gram * (s * s))
     else:
-        terms = torch.addmm(P.double(), B64, gram, beta=2 * scale, alpha=scale * scale)
-    n = torch.linalg.vecdot(B64, terms).add_(W_row_norm_sq).clamp_min_(0).sqrt_()  # (out,)
+        terms = torch.addmm(P_, B_, gram, beta=2 * scale, alpha=scale * scale)
+    n = torch.linalg.vecdot(B_, terms).add_(W_row_norm_sq).clamp_min_(0).sqrt_()  # (out,)
     return n if n.dtype == A.dtype else n.to(A.dtype)
 
 
