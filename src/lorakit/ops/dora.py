@@ -39,7 +39,6 @@ from typing import NamedTuple
 import torch
 
 from .dropout import DropoutDraw, SharedDropout, rebuild, unpack_mask
-from .frozen_linear import frozen_linear
 from .lora_branch import Scale, draw_for, scaled_thin_side
 from .lora_node import NodeBase
 
@@ -62,8 +61,8 @@ def row_norm_sq(W: torch.Tensor) -> torch.Tensor:
 def weight_times_at(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """P = W Aᵀ (out, r) in A's dtype; a narrower W is widened a block of rows at a time.
     Run without autograd (the norm it serves is detached)."""
-    if W.dtype == A.dtype:  # as (A Wᵀ)ᵀ: oneDNN's thin product, 1.1-2.8x MKL's W Aᵀ here
-        return frozen_linear(A, W).t()
+    if W.dtype == A.dtype:
+        return W @ A.t()
     return torch.cat([block.to(A.dtype) @ A.t() for block in W.split(CAST_ROWS)])
 
 
