@@ -239,6 +239,23 @@ class Timings:
         return statistics.median(a / b for a, b in pairs)
 
 
+def with_attribute(
+    run: Callable[[], object], owner: object, name: str, value: object
+) -> Callable[[], None]:
+    """`run` with `owner.name` set to `value` while it runs, restored after (probes that time
+    the same step with one piece swapped)."""
+
+    def patched_run() -> None:
+        saved = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            run()
+        finally:
+            setattr(owner, name, saved)
+
+    return patched_run
+
+
 def training_step_case(
     name: str, model: torch.nn.Module, ids: torch.Tensor, learning_rate: float
 ) -> Case:

@@ -55,20 +55,6 @@ def frozen_norm(real: NormFn) -> NormFn:
     return norm
 
 
-def with_norm(run: Callable[[], object], norm: NormFn) -> Callable[[], None]:
-    """`run` with `layers.dora._weight_norm` replaced by `norm` while it runs."""
-
-    def step() -> None:
-        real = dora_layers._weight_norm
-        dora_layers._weight_norm = norm
-        try:
-            run()
-        finally:
-            dora_layers._weight_norm = real
-
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_common_arguments(parser, default_reps=15)
@@ -86,14 +72,21 @@ def main() -> None:
     real = dora_layers._weight_norm
     spent: list[float] = []
 
+    timed_step = harness.with_attribute(
+        steps["DoRA"], dora_layers, "_weight_norm", timed_norm(real, spent)
+    )
+
     def dora_step() -> None:
         spent.append(0.0)
-        with_norm(steps["DoRA"], timed_norm(real, spent))()
+        timed_step()
 
     cases = [
         harness.Case("lorakit plain", steps["plain"]),
         harness.Case("lorakit DoRA", dora_step),
-        harness.Case("lorakit DoRA, norm frozen", with_norm(steps["DoRA"], frozen_norm(real))),
+        harness.Case(
+            "lorakit DoRA, norm frozen",
+            harness.with_attribute(steps["DoRA"], dora_layers, "_weight_norm", frozen_norm(real)),
+        ),
     ]
     timings = harness.run_interleaved(cases, harness.resolve_reps(args), args.warmup)
     harness.print_timings("lorakit training steps (dropout 0)", timings, "lorakit plain")

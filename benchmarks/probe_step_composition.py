@@ -27,16 +27,7 @@ NEVER = 1 << 62  # a MIN_MULTIPLY_ADDS no product reaches: every product on F.li
 
 def on_mkl(run: Callable[[], object]) -> Callable[[], None]:
     """`run` with every frozen base product on F.linear."""
-
-    def step() -> None:
-        threshold = frozen_linear.MIN_MULTIPLY_ADDS
-        frozen_linear.MIN_MULTIPLY_ADDS = NEVER
-        try:
-            run()
-        finally:
-            frozen_linear.MIN_MULTIPLY_ADDS = threshold
-
-    return step
+    return harness.with_attribute(run, frozen_linear, "MIN_MULTIPLY_ADDS", NEVER)
 
 
 def main() -> None:
