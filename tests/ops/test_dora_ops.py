@@ -55,6 +55,25 @@ def test_weight_norm_without_dense_delta_equals_row_norms_of_w_plus_sba(scale: o
     )
 
 
+def test_weight_norm_in_float32_is_as_accurate_as_a_dense_float32_norm() -> None:
+    # A benchmark-sized layer: the expansion's small terms run in float32 (not float64), and
+    # n must stay within float32 accuracy of the float64 dense norm (measured 1.0e-7 relative;
+    # ||W + s·B A|| formed densely in float32, as peft does, 1.2e-7).
+    generator = torch.Generator().manual_seed(5)
+    W = torch.randn(1376, 512, generator=generator) * 0.02
+    A = torch.randn(16, 512, generator=generator) / 512**0.5
+    B = torch.randn(1376, 16, generator=generator) * 0.02
+    s = 2.0
+    n = weight_norm(row_norm_sq(W), weight_times_at(W, A), A, B, s)
+    assert n.dtype == torch.float32
+    exact = weight_norm_dense(W.double(), s * (B.double() @ A.double()))
+    dense_fp32 = weight_norm_dense(W, s * (B @ A))
+    error = ((n.double() - exact) / exact).abs().max().item()
+    dense_error = ((dense_fp32.double() - exact) / exact).abs().max().item()
+    assert error < 1e-6
+    assert error < 4 * dense_error
+
+
 def test_weight_norm_of_conv_views_equals_norm_over_all_but_the_output_axis() -> None:
     generator = torch.Generator().manual_seed(1)
     W = torch.randn(5, 3, 2, 2, generator=generator, dtype=torch.float64)  # (out, in, kh, kw)

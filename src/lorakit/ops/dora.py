@@ -186,7 +186,7 @@ class DoraBranch(NamedTuple):
         if self.draw is None:
             if out.dtype == su.dtype and bool(g.all()):
                 # y = g ⊙ t formed in t's storage, no second (N, out) tensor: backward reads
-                # t ⊙ g from y (grad of m: Σ_N grad ⊙ y / (g·n)).
+                # t ⊙ g from y (grad of m: Σ_N grad ⊙ y / m, as m = g·n).
                 y = out.addmm_(su, B.t(), alpha=alpha).mul_(g)
                 return y, (u, None, g, None, y)
             y, t = _rescaled(out, su, B.t(), alpha, g)
