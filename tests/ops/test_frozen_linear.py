@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.ops.frozen_linear import MIN_MULTIPLY_ADDS, frozen_linear, uses_onednn
+from lorakit.ops.frozen_linear import (
+    MIN_MULTIPLY_ADDS,
+    frozen_linear,
+    frozen_linear_add,
+    onednn_linear_add_op,
+    uses_onednn,
+)
 from lorakit.ops.lora_bases import DenseBase
 
 pytestmark = pytest.mark.usefixtures("requires_onednn")
@@ -105,3 +111,19 @@ def test_dense_base_input_grad_on_onednn_is_g_w_plus_into(
     x = _randn(256, 512, seed=3)
     output = base.output(x, weight, None)
     _assert_within_rounding(output, x, weight_out_in)
+
+
+@pytest.mark.parametrize("contiguous_other", [True, False], ids=["fused", "strided-other"])
+def test_frozen_linear_add_is_the_product_plus_other_and_leaves_other_alone(
+    contiguous_other: bool,
+) -> None:
+    x, weight = _randn(256, 512, seed=0), _randn(700, 512, seed=1)
+    other = _randn(256, 700, seed=2) if contiguous_other else _randn(700, 256, seed=2).t()
+    kept = other.clone()
+    assert uses_onednn(x, weight) and onednn_linear_add_op() is not None
+    got = frozen_linear_add(x, weight, other)
+    assert torch.equal(other, kept)  # a fresh result: `other` is read, never written
+    expected = x.double() @ weight.double().t() + other.double()
+    bound = 512 * EPS32 * (x.double().abs() @ weight.double().abs().t()) + EPS32 * expected.abs()
+    assert got.shape == (256, 700) and got.dtype == torch.float32
+    assert bool(((got.double() - expected).abs() <= bound).all())

@@ -36,6 +36,21 @@ def onednn_linear_op() -> OneDnnLinear | None:
     return op if torch.equal(result, torch.full((2, 4), 3.0)) else None
 
 
+@functools.cache
+def onednn_linear_add_op() -> OneDnnLinear | None:
+    """torch's oneDNN linear op with an added tensor fused in (a binary-add post-op), or None
+    where this build has no working one (checked once)."""
+    if onednn_linear_op() is None:
+        return None
+    try:
+        op: OneDnnLinear = torch.ops.mkldnn._linear_pointwise.binary
+        other = torch.arange(8.0).view(2, 4)
+        result = op(torch.ones(2, 3), other, torch.ones(4, 3), None, "add")
+    except (AttributeError, RuntimeError):
+        return None
+    return op if torch.equal(result, other + 3.0) else None
+
+
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether `frozen_linear(x, weight, bias)` takes the oneDNN route."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
@@ -60,3 +75,16 @@ def frozen_linear(
     if op is None:
         return F.linear(x, weight, bias)
     return op(x, weight, bias, "none", [], "")
+
+
+def frozen_linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """x·Wᵀ + other as a fresh tensor: x (N, in), W (out, in) (any strides), other (N, out).
+
+    On the oneDNN route the sum happens in the product's epilogue, so `other` is read once
+    and no pass over the output follows; elsewhere it is F.linear's output plus `other`.
+    """
+    op = onednn_linear_add_op() if uses_onednn(x, weight) else None
+    fits = other.shape == (*x.shape[:-1], weight.shape[0]) and other.is_contiguous()
+    if op is None or not fits or other.dtype != x.dtype:
+        return F.linear(x, weight).add_(other)
+    return op(x, other, weight, None, "add")

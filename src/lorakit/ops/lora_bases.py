@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .frozen_linear import frozen_linear, uses_onednn
+from .frozen_linear import frozen_linear, frozen_linear_add, uses_onednn
 from .nf4 import Quantized4bit, linear_4bit_forward, linear_4bit_input_grad
 
 
@@ -38,11 +38,14 @@ class DenseBase(NamedTuple):
     def input_grad(
         self, g: torch.Tensor, weight: torch.Tensor | None, into: torch.Tensor | None
     ) -> torch.Tensor:
-        """g W (N, in), added in place into `into` (a branch's input-gradient) when the dtypes
-        agree, else computed in g's dtype with `into` rounded in once."""
+        """g W (N, in) plus `into` (a branch's input-gradient): summed in oneDNN's product
+        epilogue or in place into `into` when the dtypes agree, else computed in g's dtype
+        with `into` rounded in once."""
         assert weight is not None
         weight_in_out = weight if self.is_transposed else weight.t()  # g W = frozen_linear(g, Wᵀ)
-        if into is not None and into.dtype == g.dtype and not uses_onednn(g, weight_in_out):
+        if into is not None and into.dtype == g.dtype:
+            if uses_onednn(g, weight_in_out):
+                return frozen_linear_add(g, weight_in_out, into)  # the sum fused into the product
             return into.addmm_(g, weight_in_out.t())
         return _add_into(into, frozen_linear(g, weight_in_out))
 
