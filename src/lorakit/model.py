@@ -33,6 +33,7 @@ from .inject.surgery import Wrapper
 from .inject.trainable import refresh_trainable
 from .inject.trainable_tokens import apply_trainable_tokens, plan_trainable_tokens
 from .layers.base import LoraLayer
+from .layers.frozen import linears_restored, restore_linears, use_frozen_linears
 from .layers.init import layer_init_name
 from .layers.lora_bias import check_bias_merge
 from .layers.modules_to_save import ModulesToSaveWrapper
@@ -197,25 +198,38 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
             )
         config = self._config_for(peft_config)
         model = self.get_base_model()
-        with layers_replicated(model, config.layer_replication):  # undone if planning fails
-            plan = plan_injection(model, config)
-            config.fan_in_fan_out = corrected_fan_in_fan_out(model, plan, config.fan_in_fan_out)
-            parameters = plan_parameter_injection(model, config, plan, self.peft_config)
-            tokens = plan_trainable_tokens(model, config, plan)
-        if config.init_lora_weights == "loftq" and init_weights and not low_cpu_mem_usage:
-            from .inject.loftq import apply_loftq_injection  # imports lorakit.quant
+        with linears_restored(model):  # matching and wrappers see the model's own classes
+            with layers_replicated(model, config.layer_replication):  # undone if planning fails
+                plan = plan_injection(model, config)
+                config.fan_in_fan_out = corrected_fan_in_fan_out(model, plan, config.fan_in_fan_out)
+                parameters = plan_parameter_injection(model, config, plan, self.peft_config)
+                tokens = plan_trainable_tokens(model, config, plan)
+            if config.init_lora_weights == "loftq" and init_weights and not low_cpu_mem_usage:
+                from .inject.loftq import apply_loftq_injection  # imports lorakit.quant
 
-            apply_loftq_injection(
-                model, plan, config, adapter_name, self.routing, autocast_adapter_dtype
-            )
-        elif layer_init_name(config.init_lora_weights) and init_weights and not low_cpu_mem_usage:
-            apply_layer_init_injection(
-                model, plan, config, adapter_name, self.routing, autocast_adapter_dtype
-            )
-        else:
-            apply_injection(
+                apply_loftq_injection(
+                    model, plan, config, adapter_name, self.routing, autocast_adapter_dtype
+                )
+            elif (
+                layer_init_name(config.init_lora_weights) and init_weights and not low_cpu_mem_usage
+            ):
+                apply_layer_init_injection(
+                    model, plan, config, adapter_name, self.routing, autocast_adapter_dtype
+                )
+            else:
+                apply_injection(
+                    model,
+                    plan,
+                    config,
+                    adapter_name,
+                    self.routing,
+                    init_weights,
+                    autocast_adapter_dtype=autocast_adapter_dtype,
+                    low_cpu_mem_usage=low_cpu_mem_usage,
+                )
+            apply_parameter_injection(
                 model,
-                plan,
+                parameters,
                 config,
                 adapter_name,
                 self.routing,
@@ -223,18 +237,9 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
                 autocast_adapter_dtype=autocast_adapter_dtype,
                 low_cpu_mem_usage=low_cpu_mem_usage,
             )
-        apply_parameter_injection(
-            model,
-            parameters,
-            config,
-            adapter_name,
-            self.routing,
-            init_weights,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-        )
-        apply_trainable_tokens(model, tokens, adapter_name, self.routing)
+            apply_trainable_tokens(model, tokens, adapter_name, self.routing)
         self._wrappers_changed()
+        self._use_frozen_linears()
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
 
@@ -267,6 +272,7 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
             if not wrapper.adapter_names:
                 replace_module(model, key, wrapped_module(wrapper))
         self._wrappers_changed()
+        self._use_frozen_linears()
         del self.peft_config[adapter_name]
         remaining = [name for name in self.routing.active_adapters if name != adapter_name]
         if not remaining and self.peft_config:
@@ -403,6 +409,7 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
         for token_layer in self._token_layers():
             token_layer.merge(names)  # the rows go into the weight; the wrapper is dropped
         self._wrappers_changed()
+        restore_linears(model)
         return unwrap_model(model, keep_trained_heads=True)
 
     def unload(self) -> nn.Module:
@@ -411,6 +418,7 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
             logger.warning("unload() unmerges merged adapters first (restoring the base weights).")
             self.unmerge_adapter()
         self._wrappers_changed()
+        restore_linears(self.get_base_model())
         return unwrap_model(self.get_base_model(), keep_trained_heads=False)
 
     # --- parameters (counts: model_controls) ----------------------------------------------
@@ -464,6 +472,10 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
 
     def _wrappers_changed(self) -> None:
         self._wrapper_cache = None
+
+    def _use_frozen_linears(self) -> None:
+        """The plain nn.Linear modules no wrapper holds run as `layers.frozen.FrozenLinear`."""
+        use_frozen_linears(self.get_base_model(), keep=[w for _, w in self._wrappers()])
 
     def _refresh_trainable(self, adapter_names: set[str] | None = None) -> None:
         """Active, non-inference adapters train (`inject.trainable.refresh_trainable`)."""

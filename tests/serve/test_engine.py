@@ -388,7 +388,7 @@ def test_the_engine_example_in_docs_serving_runs(
 
 
 def test_the_engines_plain_linears_run_frozen_products_and_keep_their_keys() -> None:
-    from lorakit.serve.loading import FrozenLinear
+    from lorakit.layers.frozen import FrozenLinear
 
     base = byte_llama()
     engine = Engine.from_pretrained(base, byte_tokenizer())

@@ -5,14 +5,17 @@ for its compiled graphs, measured 1.1-1.5x faster on this project's CPU (AMD EPY
 AVX-512) for the products a frozen base layer runs, and 2x for a 16-row LM head
 (`benchmarks/RESULTS.md`, "Frozen base products"). It reads the dense weight as it is, so
 nothing is repacked or held twice. The op has no autograd formula: it serves inference and
-the hand-written backward passes, where the weight is a constant. Tiny products stay on
-`F.linear`, where oneDNN's fixed cost per call (about 10 µs) outweighs its speed.
+the hand-written backward passes, where the weight is a constant, and
+`linear_with_frozen_weight` gives it one for a constant weight and bias (the input-gradient
+only). Tiny products stay on `F.linear`, where oneDNN's fixed cost per call (about 10 µs)
+outweighs its speed.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -88,3 +91,38 @@ def frozen_linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor
     if op is None or not fits or other.dtype != x.dtype:
         return F.linear(x, weight).add_(other)
     return op(x, other, weight, None, "add")
+
+
+class _FrozenWeightLinear(torch.autograd.Function):
+    """x·Wᵀ + b with W and b constants: forward and input-gradient g W both on oneDNN."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return frozen_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        return frozen_linear(grad, weight.t()), None, None  # g W; F.linear under create_graph
+
+
+def linear_with_frozen_weight(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x·Wᵀ + b where W and b take no gradient and x may: `F.linear`'s result up to float32
+    rounding, with the forward and the input-gradient on oneDNN where `frozen_linear` would
+    take it. F.linear itself runs whenever W or b requires grad, under autocast (which
+    F.linear obeys) and while compiling (the compiler picks its own kernels).
+    """
+    is_constant = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    if not is_constant or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return frozen_linear(x, weight, bias)
+    if not uses_onednn(x.detach(), weight, bias):
+        return F.linear(x, weight, bias)
+    output: torch.Tensor = _FrozenWeightLinear.apply(x, weight, bias)
+    return output

@@ -12,7 +12,7 @@ from torch import nn
 
 from lorakit.errors import ServeError
 from lorakit.extras import import_optional
-from lorakit.ops.frozen_linear import frozen_linear
+from lorakit.layers.frozen import use_frozen_linears
 from lorakit.serve.adapters import TASK_CAUSAL_LM, TASK_SEQ_CLS
 
 SERVED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -104,24 +104,6 @@ def load_base(
         parameter.requires_grad_(False)
     use_frozen_linears(model)
     return model, tokenizer, task
-
-
-class FrozenLinear(nn.Linear):
-    """An nn.Linear whose product runs through `ops.frozen_linear` (oneDNN on CPU float32)."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return frozen_linear(input, self.weight, self.bias)
-
-
-def use_frozen_linears(model: nn.Module) -> None:
-    """Make every plain nn.Linear of the engine's own model a `FrozenLinear`, in place.
-
-    The class changes and nothing else, so the modules keep their parameters, paths and
-    state-dict keys: adapters and saved heads match them as before.
-    """
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = FrozenLinear
 
 
 def text_config(model: nn.Module) -> Any:
