@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -44,6 +44,13 @@ from .model_controls import AdapterControlsMixin
 from .model_files import AdapterFilesMixin
 
 logger = logging.getLogger(__name__)
+
+
+class _InjectionFlags(TypedDict):
+    """The keyword options every `apply_*injection` call of `add_adapter` takes alike."""
+
+    autocast_adapter_dtype: bool
+    low_cpu_mem_usage: bool
 
 
 class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
@@ -198,6 +205,10 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
             )
         config = self._config_for(peft_config)
         model = self.get_base_model()
+        adapter = (config, adapter_name, self.routing, init_weights)
+        flags = _InjectionFlags(
+            autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
+        )
         with linears_restored(model):  # matching and wrappers see the model's own classes
             with layers_replicated(model, config.layer_replication):  # undone if planning fails
                 plan = plan_injection(model, config)
@@ -217,26 +228,8 @@ class PeftModel(AdapterFilesMixin, AdapterControlsMixin, nn.Module):
                     model, plan, config, adapter_name, self.routing, autocast_adapter_dtype
                 )
             else:
-                apply_injection(
-                    model,
-                    plan,
-                    config,
-                    adapter_name,
-                    self.routing,
-                    init_weights,
-                    autocast_adapter_dtype=autocast_adapter_dtype,
-                    low_cpu_mem_usage=low_cpu_mem_usage,
-                )
-            apply_parameter_injection(
-                model,
-                parameters,
-                config,
-                adapter_name,
-                self.routing,
-                init_weights,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-            )
+                apply_injection(model, plan, *adapter, **flags)
+            apply_parameter_injection(model, parameters, *adapter, **flags)
             apply_trainable_tokens(model, tokens, adapter_name, self.routing)
         self._wrappers_changed()
         self._use_frozen_linears()
