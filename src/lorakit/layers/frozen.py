@@ -28,20 +28,13 @@ class FrozenLinear(nn.Linear):
         return linear_with_frozen_weight(input, self.weight, self.bias)
 
 
-def use_frozen_linears(model: nn.Module, keep: Iterable[nn.Module] = ()) -> int:
+def use_frozen_linears(model: nn.Module, keep: Iterable[nn.Module] = ()) -> None:
     """Make every plain `nn.Linear` in `model` a `FrozenLinear`, in place, except the modules
-    in `keep` and everything inside them (wrappers, which run their base modules themselves).
-
-    Returns:
-        How many modules changed class.
-    """
+    in `keep` and everything inside them (wrappers, which run their base modules themselves)."""
     skipped = {id(inner) for outer in keep for inner in outer.modules()}
-    changed = 0
     for module in model.modules():
         if type(module) is nn.Linear and id(module) not in skipped:
             module.__class__ = FrozenLinear
-            changed += 1
-    return changed
 
 
 def restore_linears(model: nn.Module) -> list[nn.Module]:
