@@ -41,6 +41,7 @@ import torch
 from .dropout import DropoutDraw, SharedDropout, rebuild, unpack_mask
 from .lora_branch import Scale, draw_for, scaled_thin_side
 from .lora_node import NodeBase
+from .thin_products import factor_grad, rank_expand
 
 # Rows of W cast to the adapter dtype at a time when forming P = W Aᵀ from a narrower base
 # (bounds the transient copy to this many rows × in).
@@ -249,15 +250,15 @@ class DoraBranch(NamedTuple):
         else:
             G_lora, G_base, column = G, g, factor * c  # c·g on B's rows
         grad_x = grad_A = grad_B = None
+        rows = column.view(-1, 1) if isinstance(column, torch.Tensor) else column
         if need_B:
-            grad_B = (u.t() @ G_lora).mul_(column).t().contiguous()  # (out, r)
+            grad_B = factor_grad(G_lora, u).mul_(rows)  # (out, r)
         if need_x or need_A:
-            rows = column.view(-1, 1) if isinstance(column, torch.Tensor) else column
             grad_u = G_lora @ (B * rows)  # (N, r)
             if need_A:
                 grad_A = grad_u.t() @ (x2 if kept is None else kept).to(A.dtype)  # (r, in)
             if need_x:
-                grad_x = grad_u @ A  # (N, in)
+                grad_x = rank_expand(grad_u, A)  # (N, in)
         if dropped is None:
             G_base = G_base if G_base.dtype == g.dtype else G_base.to(g.dtype)
             return G_base, grad_x, (grad_A, grad_B, grad_m)

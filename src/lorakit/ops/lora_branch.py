@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar, cast
 import torch
 
 from .dropout import DropoutDraw, SharedDropout, new_draw, rebuild, unpack_mask
+from .thin_products import factor_grad, rank_expand
 
 # s or c: a number (eager: a matmul's alpha) or a 0-dim tensor (compiled: a graph input).
 Scale = float | torch.Tensor
@@ -145,14 +146,14 @@ class LoraBranch(NamedTuple):
             rebuilt = self.shared.rebuild if self.shared is not None else rebuild
             dropped, kept = rebuilt(x2, saved_mask, self.seed)
         grad_x = grad_A = grad_B = grad_bias = None
-        if need_B:  # (out, r), as uᵀg transposed: MKL is faster this way round
-            grad_B = (u.t() @ g_branch).mul_(c).t().contiguous()
+        if need_B:
+            grad_B = factor_grad(g_branch, u).mul_(c)  # (out, r)
         if need_x or need_A:
             grad_u = (g_branch @ B).mul_(c)  # (N, r)
             if need_A:
                 grad_A = grad_u.t() @ (x2 if kept is None else kept).to(A.dtype)  # (r, in)
             if need_x:
-                grad_x = grad_u @ A  # (N, in)
+                grad_x = rank_expand(grad_u, A)  # (N, in)
                 if dropped is not None:
                     grad_x.masked_fill_(dropped, 0)
         if self.has_bias and needs[3]:
