@@ -32,30 +32,16 @@ LAYERS, RANK = 8, 16
 LINEARS = [(512, 512)] * 4 + [(512, 1376)] * 2 + [(1376, 512)]
 
 
-def factor_grad_pass(tokens: int, form: Callable[..., torch.Tensor]) -> Callable[[], None]:
-    pairs = [
-        (torch.randn(tokens, d_out), torch.randn(tokens, RANK))
-        for _ in range(LAYERS)
-        for _, d_out in LINEARS
-    ]
+Operands = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def over_layers(make: Operands, form: Callable[..., torch.Tensor]) -> Callable[[], None]:
+    """One pass of `form` over the 56 layers, each with its own operands `make(in, out)`."""
+    operands = [make(d_in, d_out) for _ in range(LAYERS) for d_in, d_out in LINEARS]
 
     def run() -> None:
-        for g, u in pairs:
-            form(g, u)
-
-    return run
-
-
-def rank_expand_pass(tokens: int, form: Callable[..., torch.Tensor]) -> Callable[[], None]:
-    pairs = [
-        (torch.randn(tokens, RANK), torch.randn(RANK, d_in))
-        for _ in range(LAYERS)
-        for d_in, _ in LINEARS
-    ]
-
-    def run() -> None:
-        for v, factor in pairs:
-            form(v, factor)
+        for first, second in operands:
+            form(first, second)
 
     return run
 
@@ -67,20 +53,26 @@ def main() -> None:
     args = parser.parse_args()
     harness.pin_threads(args.threads)
     harness.print_machine()
-    onednn = onednn_linear_op()
-    assert onednn is not None, "this probe compares against oneDNN; this torch has none"
+    assert onednn_linear_op() is not None, "this probe compares against oneDNN; torch has none"
     reps, tokens = harness.resolve_reps(args), args.tokens
+
+    def g_and_u(d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(tokens, d_out), torch.randn(tokens, RANK)
+
+    def v_and_a(d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(tokens, RANK), torch.randn(RANK, d_in)
+
     with torch.no_grad():
         cases = [
-            harness.Case("(uᵀ g)ᵀ contiguous", factor_grad_pass(tokens, _transposed_form)),
-            harness.Case("gᵀ u (lorakit)", factor_grad_pass(tokens, factor_grad)),
+            harness.Case("(uᵀ g)ᵀ contiguous", over_layers(g_and_u, _transposed_form)),
+            harness.Case("gᵀ u (lorakit)", over_layers(g_and_u, factor_grad)),
         ]
         timings = harness.run_interleaved(cases, reps, args.warmup)
         harness.print_timings(f"Factor gradient, {tokens} tokens", timings, cases[0].name)
         cases = [
-            harness.Case("MKL", rank_expand_pass(tokens, torch.mm)),
-            harness.Case("oneDNN", rank_expand_pass(tokens, _onednn_form)),
-            harness.Case("rank_expand (lorakit)", rank_expand_pass(tokens, rank_expand)),
+            harness.Case("MKL", over_layers(v_and_a, torch.mm)),
+            harness.Case("oneDNN", over_layers(v_and_a, _onednn_form)),
+            harness.Case("rank_expand (lorakit)", over_layers(v_and_a, rank_expand)),
         ]
         timings = harness.run_interleaved(cases, reps, args.warmup)
         harness.print_timings(f"Rank expansion, {tokens} tokens", timings, cases[0].name)

@@ -1,9 +1,10 @@
 """The LoRA branch's thin products (one side r wide), each in the form measured fastest.
 
 The branch's products read or write an (N, in) or (N, out) tensor and multiply it by a factor
-r wide, so they are bound by memory traffic, and which library and which operand order runs
+r wide, so they do little arithmetic per byte, and which library and which operand order runs
 them fastest depends on the shapes. Measured inside the DoRA training step of
-`benchmarks/bench_dora.py` (float32, 2 threads, `benchmarks/RESULTS.md`, session 10):
+`benchmarks/bench_dora.py` (float32, 2 threads, `benchmarks/RESULTS.md`, session 10;
+`benchmarks/probe_thin_products.py` measures both choices again on another CPU):
 
 - the factor gradient gᵀ u (out, r) from g (N, out) and u (N, r) is faster as `g.t() @ u`
   than as (uᵀ g)ᵀ made contiguous (20.6 -> 14.4 ms a step for 56 layers);
